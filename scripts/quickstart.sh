@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install mergesmith (and, when no torch is installed, the CPU build of torch 2.13.0), then run a
+# real merge on tiny models built locally, load the result with transformers and generate.
+# GPU users: install the torch build for your CUDA first; this script keeps an installed torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test]"
+"$PY" -m mergesmith.cli demo "${1:-${TMPDIR:-/tmp}/mergesmith-demo}"

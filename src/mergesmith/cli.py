@@ -1,0 +1,219 @@
+"""The command line. Commands and flags only: every MergeError becomes one clear message and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from mergesmith.errors import MergeError
+
+log = logging.getLogger("mergesmith")
+
+
+def parse_size(text: str) -> int:
+    """`5B`, `500M`, `1.5b`, `1000000` -> bytes (k/m/b/t = 10^3/10^6/10^9/10^12, as mergekit)."""
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kmbtKMBT]?)\s*", text)
+    if m is None:
+        raise click.BadParameter(f"'{text}' is not a size like 1B, 500M or 1000000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[m[2].lower()]
+    return int(float(m[1]) * scale)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MergeError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = (
+        logging.ERROR if quiet else logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    )
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mergesmith")
+def main() -> None:
+    """mergesmith: merge language models from mergekit-compatible YAML recipes."""
+
+
+# Flags that only tune mergekit's own scheduler: accepted so recipes' command lines run unchanged.
+TUNING_FLAGS = [
+    click.option(
+        "--low-cpu-memory/--no-low-cpu-memory", default=False, help="Accepted (mergesmith is always low-memory)."
+    ),
+    click.option("--read-to-gpu/--no-read-to-gpu", default=False, help="Accepted; inputs are staged by the engine."),
+    click.option("--multi-gpu/--no-multi-gpu", default=False, help="Accepted; one device is used."),
+    click.option("--gpu-rich", is_flag=True, help="Same as --cuda."),
+    click.option("--async-write/--no-async-write", default=False, help="Accepted; writes are always streamed."),
+    click.option("--write-threads", type=int, default=1, help="Accepted and ignored (as in mergekit)."),
+    click.option(
+        "--lazy-unpickle/--no-lazy-unpickle",
+        default=False,
+        help="Accepted: .bin inputs are always memory-mapped and read weights-only.",
+    ),
+    click.option(
+        "--allow-crimes/--no-allow-crimes",
+        default=False,
+        help="Allow merging models of different architectures (mergesmith infers layers from names).",
+    ),
+    click.option(
+        "--clone-tensors/--no-clone-tensors", default=False, help="Accepted; repeated layers are always written."
+    ),
+]
+
+
+def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(TUNING_FLAGS):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False), required=False)
+@click.option("--cuda/--no-cuda", default=False, help="Run the arithmetic on the GPU.")
+@click.option("--device", default=None, help="Math device: cpu, cuda, cuda:1, auto.")
+@click.option("--out-shard-size", default="5B", show_default=True, help="Max bytes per output shard (k/m/b suffixes).")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, help="Copy the donor model's tokenizer.")
+@click.option("--write-model-card/--no-write-model-card", default=True, help="Write README.md and the recipe copy.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, help="Passed to transformers.")
+@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA); default 0.")
+@click.option("--safe-serialization/--no-safe-serialization", default=True, help="Write safetensors.")
+@click.option("--transformers-cache", default=None, help="Hugging Face download cache directory.")
+@click.option("--lora-merge-cache", default=None, help="Directory to keep materialised base+LoRA models.")
+@click.option("--lora-merge-dtype", default=None, help="dtype for LoRA materialisation.")
+@click.option("-j", "--num-threads", type=int, default=None, help="torch threads.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
+@tuning_flags
+@user_errors
+def run(config_file: str, out_path: str | None, **opts: Any) -> None:
+    """Run a merge recipe (mergekit YAML) and write the model to OUT_PATH.
+
+    \b
+    Example:
+      mergesmith run recipe.yml ./merged --cuda --out-shard-size 2B
+    """
+    from mergesmith.merge import MergeOptions, prepare, run_merge
+    from mergesmith.recipe.schema import load_config
+
+    setup_logging(opts["verbose"], opts["quiet"])
+    if opts["num_threads"]:
+        import torch
+
+        torch.set_num_threads(opts["num_threads"])
+    config, text = load_config(config_file)
+    device = opts["device"] or ("cuda" if opts["cuda"] or opts["gpu_rich"] else "cpu")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergeError("--cuda was given but no CUDA device is available to torch", "--cuda")
+    options = MergeOptions(
+        device=device,
+        out_shard_size=parse_size(opts["out_shard_size"]),
+        copy_tokenizer=opts["copy_tokenizer"],
+        write_model_card=opts["write_model_card"],
+        random_seed=opts["random_seed"],
+        overwrite=opts["overwrite"],
+        transformers_cache=opts["transformers_cache"],
+        safe_serialization=opts["safe_serialization"],
+        trust_remote_code=opts["trust_remote_code"],
+    )
+    if opts["dry_run"]:
+        plan, _ = prepare(config, options)
+        for w in plan.warnings:
+            log.warning(w)
+        if opts["verbose"] >= 2:
+            for line in plan.describe():
+                click.echo(line)
+        gb = 1e9
+        click.echo(
+            f"plan: {plan.method}, {len(plan.tensors)} output tensors, read {plan.bytes_read / gb:.3f} GB,"
+            f" write {plan.bytes_written / gb:.3f} GB; config.json from {plan.donor}"
+            + (f", updates {plan.config_updates}" if plan.config_updates else "")
+        )
+        return
+    if out_path is None:
+        raise click.UsageError("OUT_PATH is required unless --dry-run is given")
+    from mergesmith.progress import MergeProgress
+
+    with MergeProgress(disable=opts["quiet"]) as progress:
+        summary = run_merge(
+            config,
+            text,
+            out_path,
+            options,
+            progress=progress.advance if not opts["quiet"] else None,
+            on_plan=progress.start,
+        )
+    click.echo(summary.line())
+
+
+@main.command()
+@click.argument("name", required=False)
+def methods(name: str | None) -> None:
+    """List merge methods, or show one method's formula, parameters and paper."""
+    from mergesmith.methods.registry import METHODS, get_method
+
+    if name is None:
+        for m in sorted(METHODS.values(), key=lambda m: m.name):
+            params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default!r}" for p in m.params.values())
+            click.echo(f"{m.name:18} {m.summary}")
+            click.echo(f"{'':18} params: {params or '-'}  (* per model)")
+        return
+    try:
+        m = get_method(name)
+    except MergeError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"{m.name}: {m.summary}")
+    if m.paper:
+        click.echo(f"paper: {m.paper}")
+    click.echo(f"base model: {m.base}")
+    for p in m.params.values():
+        click.echo(f"  {p.name}: {p.type.__name__}, default {p.default!r}{', per model' if p.per_model else ''}")
+    if m.formula:
+        click.echo("\n" + m.formula)
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(file_okay=False), default="mergesmith-demo")
+@user_errors
+def demo(workdir: str) -> None:
+    """Build tiny models locally, TIES-merge them, load the result with transformers and generate."""
+    from pathlib import Path
+
+    from mergesmith.demo import run_demo
+
+    summary, text = run_demo(Path(workdir))
+    click.echo(summary.line())
+    click.echo(f"recipe: {Path(workdir) / 'recipe.yml'}")
+    click.echo(f"transformers loaded the merge and generated: {text!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Running a recipe end to end: config -> plan -> execute -> write, into an atomically staged directory."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergesmith.engine.executor import Executor
+from mergesmith.methods.registry import get_method
+from mergesmith.output import card, model_files
+from mergesmith.output.shards import ShardWriter, layout_shards
+from mergesmith.output.staging import StagedOutput
+from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
+from mergesmith.recipe.schema import MergeConfig
+from mergesmith.sources.model import ModelInfo, load_model_info
+from mergesmith.sources.reader import TensorReader
+from mergesmith.sources.refs import parse_ref
+
+log = logging.getLogger("mergesmith")
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    out_shard_size: int = 5_000_000_000
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    random_seed: int | None = None
+    overwrite: bool = False
+    transformers_cache: str | None = None
+    safe_serialization: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MergeSummary:
+    out: Path
+    files: list[str]
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss: int
+    warnings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        gb = 1e9
+        return (
+            f"merged in {self.seconds:.1f} s: read {self.bytes_read / gb:.2f} GB, wrote {self.bytes_written / gb:.2f} GB"
+            f" ({(self.bytes_read + self.bytes_written) / gb / max(self.seconds, 1e-9):.2f} GB/s),"
+            f" peak RSS {self.peak_rss / 2**30:.2f} GiB -> {self.out}"
+        )
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelInfo]:
+    return {ref.key: load_model_info(ref, options.transformers_cache) for ref in referenced_models(config)}
+
+
+def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str, ModelInfo]]:
+    """Metadata only: resolve every model and build the plan (what `--dry-run` shows)."""
+    get_method(config.merge_method)  # an unknown method fails before any model is touched
+    models = load_models(config, options)
+    return plan_merge(config, models), models
+
+
+def run_merge(
+    config: MergeConfig,
+    recipe_text: str,
+    out: str | Path,
+    options: MergeOptions | None = None,
+    progress: Callable[[OutputTensor], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> MergeSummary:
+    options = options or MergeOptions()
+    start = time.perf_counter()
+    staged = StagedOutput(Path(out), options.overwrite)
+    staged.check()
+    plan, models = prepare(config, options)
+    for w in plan.warnings:
+        log.warning(w)
+    if on_plan is not None:
+        on_plan(plan)
+    if not options.safe_serialization:
+        log.warning("--no-safe-serialization: writing safetensors anyway (pickled .bin output is unsafe to share)")
+    directory = staged.begin()
+    try:
+        shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
+        writer = ShardWriter(directory, shards)
+        try:
+            readers = {key: TensorReader(info) for key, info in models.items()}
+            executor = Executor(plan, readers, dtype=config.dtype, device=options.device, seed=options.random_seed or 0)
+            executor.run(writer.write, progress)
+        except BaseException:
+            writer.abort()
+            raise
+        files = writer.close()
+        donor = models[plan.donor]
+        model_files.write_config(directory, donor.config, plan.config_updates)
+        if options.copy_tokenizer:
+            model_files.copy_tokenizer(directory, donor.directory)
+            model_files.copy_generation_config(directory, donor.directory)
+        if config.chat_template:
+            from mergesmith.output.chat_template import apply_chat_template
+
+            apply_chat_template(directory, config.chat_template, [m.directory for m in models.values()])
+        (directory / "mergesmith_config.yml").write_text(recipe_text)
+        if options.write_model_card:
+            base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
+            text = card.model_card(
+                Path(out).name, get_method(config.merge_method), base, referenced_models(config), recipe_text
+            )
+            (directory / "README.md").write_text(text)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    return MergeSummary(
+        out=staged.out,
+        files=files,
+        seconds=time.perf_counter() - start,
+        bytes_read=plan.bytes_read,
+        bytes_written=plan.bytes_written,
+        peak_rss=peak_rss_bytes(),
+        warnings=plan.warnings,
+    )

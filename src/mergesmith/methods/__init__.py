@@ -1,0 +1,21 @@
+"""Merge methods. Importing this package registers every method in `registry.METHODS`."""
+
+from mergesmith.methods import (  # noqa: F401
+    arcee_fusion,
+    breadcrumbs,
+    della,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)
+from mergesmith.methods.registry import METHODS, REQUIRED, MergeMethod, PerModel, get_method, merge_method
+
+__all__ = ["METHODS", "REQUIRED", "MergeMethod", "PerModel", "get_method", "merge_method"]

@@ -1,0 +1,75 @@
+"""breadcrumbs, breadcrumbs_ties: task vectors without their largest outliers and their small noise."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods import sparsify
+from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_vectors import merge_task_vectors
+
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+
+
+@merge_method(
+    "breadcrumbs",
+    base="required",
+    summary="Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, then add.",
+    paper=BREADCRUMBS_PAPER,
+    pretty="Model Breadcrumbs",
+)
+def breadcrumbs(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    gamma: PerModel = 0.01,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Of n = numel elements of x_i - b keep floor(density_i n), dropping the floor(gamma_i n) largest |delta|
+    and the smallest; y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=False,
+        sparsify=lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale),
+    )
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    base="required",
+    summary="Model Breadcrumbs sparsification with TIES sign consensus.",
+    paper=BREADCRUMBS_PAPER,
+    pretty="Model Breadcrumbs with TIES",
+)
+def breadcrumbs_ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    gamma: PerModel = 0.01,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Breadcrumbs sparsification, D_i = w_i delta~_i, sigma = sign(sum_i D_i);
+    y = b + lambda * sum_i [sign D_i = sigma] D_i [/ sum_i [sign D_i = sigma] w_i if normalize]."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=True,
+        sparsify=lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale),
+    )

@@ -1,0 +1,77 @@
+"""della, della_linear: drop task-vector elements at random, less often the larger they are (MAGPRUNE)."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods import sparsify
+from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.rng import TensorRNG
+
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+
+
+@merge_method(
+    "della",
+    base="required",
+    summary="DELLA: magnitude-ranked random drop per row, L1 rescale, TIES sign consensus.",
+    paper=DELLA_PAPER,
+    pretty="DELLA",
+)
+def della(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    epsilon: PerModel = 0.15,
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    rng: TensorRNG,
+) -> torch.Tensor:
+    """Keep delta_i elements with p = density - eps + 2 eps rank/(n-1) (rank of |delta| in its row);
+    D_i = w_i delta~_i, sigma = sign(sum_i D_i); y = b + lambda * sum_i M_i D_i / sum_i M_i w_i."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=True,
+        sparsify=lambda d, i: sparsify.della_magprune(d, density[i], epsilon[i], rng, i, rescale),
+    )
+
+
+@merge_method(
+    "della_linear",
+    base="required",
+    summary="DELLA sparsification without sign consensus: task arithmetic on MAGPRUNE-dropped deltas.",
+    paper=DELLA_PAPER,
+    pretty="Linear DELLA",
+)
+def della_linear(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    epsilon: PerModel = 0.15,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    rng: TensorRNG,
+) -> torch.Tensor:
+    """DELLA sparsification, then y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=False,
+        sparsify=lambda d, i: sparsify.della_magprune(d, density[i], epsilon[i], rng, i, rescale),
+    )

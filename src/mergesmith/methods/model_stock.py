@@ -1,0 +1,50 @@
+"""model_stock: move from the base towards the models' average as far as their task vectors agree."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.methods.registry import merge_method
+
+
+@merge_method(
+    "model_stock",
+    base="required",
+    models=(0, None),
+    summary="Model Stock: interpolate base -> average of the models by the mean cosine of their task vectors.",
+    paper="https://arxiv.org/abs/2403.19522",
+    pretty="Model Stock",
+)
+def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False) -> torch.Tensor:
+    """c = mean over pairs i<j of cos(delta_i, delta_j) (norm product clamped at 1e-6, c in [-1, 1]),
+    t = N c / (1 + (N-1) c), y = t mean_i(x_i) + (1-t) b; per row (last axis) when `filter_wise`."""
+    if not xs:
+        return base
+    if len(xs) < 2:
+        raise MergeError(f"model_stock needs the base model and at least two other models, got {len(xs)} other")
+    shape = base.shape
+    if filter_wise and base.dim() >= 2:
+        rows = [x.reshape(-1, shape[-1]) for x in [base, *xs]]
+    elif filter_wise:
+        rows = [x.reshape(1, -1) for x in [base, *xs]]
+    else:
+        rows = [x.reshape(-1) for x in [base, *xs]]
+    b, deltas = rows[0], [x.sub_(rows[0]) for x in rows[1:]]
+    norms = [torch.linalg.vector_norm(d, dim=-1).double() for d in deltas]
+    n = len(deltas)
+    cos_sum = torch.zeros_like(norms[0])
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = torch.linalg.vecdot(deltas[i], deltas[j], dim=-1).double()
+            cos_sum += (dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp_(-1.0, 1.0)
+    c = cos_sum / (n * (n - 1) / 2)
+    denominator = 1 + (n - 1) * c
+    # Task vectors that cancel exactly (c = -1/(N-1)) have a zero mean: keep the base instead of NaN.
+    t = torch.where(denominator == 0, 0.0, n * c / torch.where(denominator == 0, 1.0, denominator))
+    mean_delta = deltas[0]
+    for d in deltas[1:]:
+        mean_delta.add_(d)
+    mean_delta.div_(n)
+    t = t.to(b.dtype).unsqueeze(-1) if filter_wise else t.to(b.dtype)
+    return b.addcmul_(mean_delta, t).reshape(shape)

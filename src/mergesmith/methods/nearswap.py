@@ -1,0 +1,25 @@
+"""nearswap: take the other model where it is close to the base, blend towards the base elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.methods.registry import REQUIRED, merge_method
+
+
+@merge_method(
+    "nearswap",
+    base="required",
+    models=(1, 1),
+    summary="NearSwap: use the other model's weight where it is within t of the base, interpolate elsewhere.",
+    paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    pretty="NearSwap",
+)
+def nearswap(xs: list[torch.Tensor], base: torch.Tensor, *, t: float = REQUIRED) -> torch.Tensor:
+    """omega = clamp(t / max(|b - x|, 1e-6), 0, 1); y = omega x + (1 - omega) b."""
+    if len(xs) != 1:
+        raise MergeError(f"nearswap merges the base model with exactly one other model, got {len(xs)} others")
+    delta = xs[0].sub_(base)
+    omega = delta.abs().clamp_min_(1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+    return base.addcmul_(delta, omega)

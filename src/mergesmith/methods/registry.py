@@ -1,0 +1,168 @@
+"""Declaring merge methods: the function is the declaration.
+
+A merge method is a plain function on float32 tensors::
+
+    @merge_method("nearswap", base="required", models=(1, 1), paper=..., summary=...)
+    def nearswap(xs: list[Tensor], base: Tensor, *, t: float = REQUIRED) -> Tensor:
+        ...
+
+- `xs` are the non-base inputs (in recipe order), `base` the base model's tensor (or None).
+  Both are float32 tensors owned by the call: a method may overwrite them in place.
+- Keyword-only parameters are the method's recipe parameters. Their annotation gives the type a
+  recipe value is coerced to (`float`, `bool`, `int`); `PerModel` marks a per-model parameter,
+  passed as a list aligned with `xs`. A default of `REQUIRED` makes it mandatory. A trailing
+  underscore is dropped from the recipe name (`lambda_` is the recipe's `lambda`).
+- A keyword-only parameter named `rng` receives a `TensorRNG` keyed by (seed, tensor name), for
+  methods that draw random masks.
+
+The engine does loading, slicing, dtype, device and memory; a method only does the maths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from mergesmith.errors import MergeError, did_you_mean
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+#: Annotation of a per-model parameter: the method receives one float per entry of `xs`.
+PerModel = Annotated[list[float], "per-model"]
+
+BaseRole = Literal["required", "optional", "input"]
+"""How a method treats `base_model`:
+required: must be given, passed as `base`; optional: passed as `base` when given;
+input: no special role, a listed or appended base is just one more entry of `xs` (linear, karcher).
+"""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # as written in recipes
+    arg: str  # the function's argument name (`lambda_` for `lambda`)
+    type: type
+    default: Any
+    per_model: bool
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Recipe values are numbers (mergekit turns every scalar into a float, `true` into 1.0)."""
+        if isinstance(value, bool | int | float):
+            if self.type is bool:
+                return bool(value)
+            if self.type is int:
+                return int(value)
+            return float(value)
+        raise MergeError(f"parameter '{self.name}' must be a number, got {value!r}", where)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., Any]
+    params: dict[str, Param]
+    base: BaseRole
+    models: tuple[int, int | None]  # allowed count of non-base inputs (min, max or None)
+    summary: str
+    paper: str | None = None
+    pretty: str = ""
+    uses_rng: bool = False
+    formula: str = field(default="", repr=False)
+
+    @property
+    def global_params(self) -> dict[str, Param]:
+        return {k: p for k, p in self.params.items() if not p.per_model}
+
+    @property
+    def per_model_params(self) -> dict[str, Param]:
+        return {k: p for k, p in self.params.items() if p.per_model}
+
+    def __call__(self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None) -> Any:
+        """Apply to tensors with recipe-named, already resolved `params`."""
+        kwargs = {self.params[k].arg: v for k, v in params.items() if k in self.params}
+        if self.uses_rng:
+            kwargs["rng"] = rng
+        return self.fn(list(xs), base, **kwargs)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    summary: str,
+    base: BaseRole = "optional",
+    models: tuple[int, int | None] = (1, None),
+    paper: str | None = None,
+    pretty: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        params: dict[str, Param] = {}
+        uses_rng = False
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.name == "rng":
+                uses_rng = True
+                continue
+            hint = hints.get(p.name, float)
+            per_model = hint == PerModel
+            typ = float if per_model else hint
+            if typ not in (float, bool, int):
+                raise TypeError(f"{fn.__name__}: parameter {p.name} must be float, bool, int or PerModel")
+            default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+            recipe_name = p.name.rstrip("_")  # `lambda_` is the recipe's `lambda`
+            params[recipe_name] = Param(recipe_name, p.name, typ, default, per_model)
+        method = MergeMethod(
+            name=name,
+            fn=fn,
+            params=params,
+            base=base,
+            models=models,
+            summary=summary,
+            paper=paper,
+            pretty=pretty or name.replace("_", " ").title(),
+            uses_rng=uses_rng,
+            formula=inspect.cleandoc(fn.__doc__ or ""),
+        )
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        METHODS[name] = method
+        return fn
+
+    return register
+
+
+def get_method(name: str, where: str = "merge_method") -> MergeMethod:
+    from mergesmith import methods  # noqa: F401  (importing the package registers every method)
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(
+            f"unknown merge method '{name}'{did_you_mean(name, METHODS)} (known: {', '.join(sorted(METHODS))})",
+            where,
+        ) from None
+
+
+def all_param_names() -> set[str]:
+    from mergesmith import methods  # noqa: F401
+
+    return {p for m in METHODS.values() for p in m.params}

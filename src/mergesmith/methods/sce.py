@@ -1,0 +1,56 @@
+"""sce: select high-variance elements, weight task vectors by their energy, erase minority signs."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods.registry import merge_method
+from mergesmith.methods.sparsify import top_k_mask
+from mergesmith.methods.task_vectors import sign_consensus
+
+
+def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Mask of the floor(fraction * count_nonzero(var)) positions whose deltas vary most across models."""
+    mean = torch.zeros_like(deltas[0])
+    for d in deltas:
+        mean.add_(d)
+    mean.div_(len(deltas))
+    var = torch.zeros_like(mean)
+    for d in deltas:
+        var.add_((d - mean).square_())
+    var.div_(len(deltas))
+    k = int(int(torch.count_nonzero(var)) * fraction)
+    return top_k_mask(var, k)
+
+
+@merge_method(
+    "sce",
+    base="required",
+    summary="SCE: Select top-variance elements, Calculate energy-based weights, Erase minority signs.",
+    paper="https://arxiv.org/abs/2408.07990",
+    pretty="SCE",
+)
+def sce(
+    xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0, int8_mask: bool = False
+) -> torch.Tensor:
+    """tau_i = x_i - b (kept only at the top select_topk of positions by variance across models);
+    omega_i = mean(tau_i^2)/sum_j mean(tau_j^2); M_i = [sign tau_i = sign sum_j tau_j];
+    y = b + sum_i omega_i M_i tau_i / max(sum_i omega_i M_i, 1e-6). Model weights play no part."""
+    if not xs:
+        return base
+    deltas = [x.sub_(base) for x in xs]
+    if select_topk < 1:
+        mask = variance_mask(deltas, select_topk)
+        for d in deltas:
+            d.mul_(mask)
+    energy = [float(d.square().mean()) for d in deltas]
+    total = sum(energy)
+    omega = [1.0 / len(deltas)] * len(deltas) if total < 1e-6 else [e / total for e in energy]
+    elected = sign_consensus(deltas)
+    merged = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for d, w in zip(deltas, omega, strict=True):
+        agree = (torch.sign(d) == elected).to(base.dtype)
+        merged.addcmul_(d, agree, value=w)
+        divisor.add_(agree, alpha=w)
+    return base.add_(merged.div_(divisor.clamp_min_(1e-6)))

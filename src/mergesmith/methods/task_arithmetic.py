@@ -1,0 +1,137 @@
+"""task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs(_ties), della(_linear):
+the task-vector pipeline with different sparsifiers and consensus."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods import sparsify
+from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.rng import TensorRNG
+
+TIES_PAPER = "https://arxiv.org/abs/2306.01708"
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+
+
+@merge_method(
+    "task_arithmetic",
+    base="required",
+    summary="Add weighted task vectors (fine-tune minus base) to the base.",
+    paper="https://arxiv.org/abs/2212.04089",
+    pretty="Task Arithmetic",
+)
+def task_arithmetic(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """y = b + lambda * sum_i w_i (x_i - b) [/ sum_i w_i if normalize]; density < 1 prunes by magnitude."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=False,
+        sparsify=lambda d, i: sparsify.magnitude(d, density[i], rescale),
+    )
+
+
+@merge_method(
+    "ties",
+    base="required",
+    summary="TIES: trim task vectors by magnitude, elect signs, disjoint mean.",
+    paper=TIES_PAPER,
+    pretty="TIES",
+)
+def ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """D_i = w_i * topk(x_i - b, density_i); sigma = sign(sum_i D_i);
+    y = b + lambda * sum_i [sign D_i = sigma] D_i / sum_i [sign D_i = sigma] w_i."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=True,
+        sparsify=lambda d, i: sparsify.magnitude(d, density[i], rescale),
+    )
+
+
+@merge_method(
+    "dare_linear",
+    base="required",
+    summary="DARE: drop delta elements at random, rescale, add.",
+    paper=DARE_PAPER,
+    pretty="DARE",
+)
+def dare_linear(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    rng: TensorRNG,
+) -> torch.Tensor:
+    """Keep each element of x_i - b with probability density_i, L1-rescale, then task arithmetic."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=False,
+        sparsify=lambda d, i: sparsify.random(d, density[i], rng, i, rescale),
+    )
+
+
+@merge_method(
+    "dare_ties",
+    base="required",
+    summary="DARE random drop with TIES sign consensus.",
+    paper=DARE_PAPER,
+    pretty="DARE TIES",
+)
+def dare_ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel = REQUIRED,
+    density: PerModel = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    rng: TensorRNG,
+) -> torch.Tensor:
+    """DARE sparsification, then TIES sign election and disjoint merge."""
+    return merge_task_vectors(
+        xs,
+        base,
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+        consensus=True,
+        sparsify=lambda d, i: sparsify.random(d, density[i], rng, i, rescale),
+    )

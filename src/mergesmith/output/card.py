@@ -1,0 +1,63 @@
+"""The model card (README.md) that the Hugging Face hub shows for a merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mergesmith.methods.registry import MergeMethod
+from mergesmith.sources.refs import ModelRef
+
+
+def is_hub_id(ref: ModelRef) -> bool:
+    path = ref.path
+    return not path.startswith(("/", "~", ".")) and path.count("/") <= 1 and not Path(path).exists()
+
+
+def hub_ids(refs: list[ModelRef]) -> list[str]:
+    ids: dict[str, None] = {}
+    for ref in refs:
+        for part in (ref, ref.lora):
+            if part is not None and is_hub_id(part):
+                ids.setdefault(part.path)
+    return list(ids)
+
+
+def model_card(name: str, method: MergeMethod, base: ModelRef | None, refs: list[ModelRef], recipe: str) -> str:
+    front: dict[str, object] = {}
+    ids = hub_ids(refs)
+    if ids:
+        front["base_model"] = ids
+    front["library_name"] = "transformers"
+    front["tags"] = ["merge", "mergesmith"]
+    link = f"[{method.pretty}]({method.paper})" if method.paper else method.pretty
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", f"# {name}", ""]
+    lines.append(
+        "This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/mergesmith/)."
+    )
+    lines += ["", "## Merge details", "", "### Merge method", ""]
+    if base is not None and method.name != "slerp":
+        lines.append(f"This model was merged using the {link} merge method using {_show(base)} as a base.")
+    else:
+        lines.append(f"This model was merged using the {link} merge method.")
+    lines += ["", "### Models merged", "", "The following models were included in the merge:"]
+    for ref in refs:
+        if base is None or ref.key != base.key:
+            lines.append(f"* {_show(ref)}")
+    lines += [
+        "",
+        "### Configuration",
+        "",
+        "The following YAML configuration was used to produce this model:",
+        "",
+        "```yaml",
+        recipe.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _show(ref: ModelRef) -> str:
+    return f"[{ref.path}](https://huggingface.co/{ref.path})" if is_hub_id(ref) else str(ref)

@@ -1,0 +1,49 @@
+"""Atomic output: a merge is written into a staging directory beside OUT and moved into place
+only when complete, so OUT is either absent (or as it was) or a whole model, never half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mergesmith.errors import MergeError
+
+
+class StagedOutput:
+    def __init__(self, out: Path, overwrite: bool = False) -> None:
+        self.out = out.resolve()
+        self.staging = self.out.parent / f".{self.out.name}.mergesmith-partial"
+        self.overwrite = overwrite
+
+    def check(self) -> None:
+        """Refuse a target that would lose the user's files (before any work is done)."""
+        if self.out.exists():
+            if not self.out.is_dir():
+                raise MergeError("output path exists and is not a directory", str(self.out))
+            if any(self.out.iterdir()) and not self.overwrite:
+                raise MergeError(
+                    "output directory exists and is not empty; pass --overwrite to replace it", str(self.out)
+                )
+
+    def begin(self) -> Path:
+        self.check()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir()
+        return self.staging
+
+    def commit(self) -> None:
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.mergesmith-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        os.replace(self.staging, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)

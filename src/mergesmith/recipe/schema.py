@@ -1,0 +1,197 @@
+"""The YAML recipe schema (mergekit's, plus `input_model_parameters`), as pydantic models.
+
+Unknown keys are errors with a suggestion (mergekit ignores them silently); keys mergekit accepts
+and ignores (`residual_weight`) are accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergesmith.errors import MergeError, did_you_mean
+
+DTYPES = {"bfloat16", "float16", "float32", "float64", "int64"}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+ModelRefLike = str | dict[str, Any]
+Params = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputModel(_Strict):
+    model: ModelRefLike
+    parameters: Params | None = None
+
+
+class SliceSource(_Strict):
+    model: ModelRefLike
+    layer_range: tuple[int, int]
+    parameters: Params | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: ModelRefLike | None = None
+    parameters: Params | None = None
+    residual_weight: float | None = None  # accepted and ignored, as mergekit does
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must cover the same number of layers, got {sorted(lengths)}")
+        return self
+
+
+class ModuleSpec(_Strict):
+    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = None
+    parameters: Params | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModuleSpec:
+        if bool(self.slices) == bool(self.models):
+            raise ValueError("a module needs exactly one of 'slices' or 'models'")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    source: ModelRefLike = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    modules: dict[str, ModuleSpec] | None = None
+    base_model: ModelRefLike | None = None
+    parameters: Params | None = None
+    input_model_parameters: dict[str, Params] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: ModelRefLike | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None  # a stage name in multi-stage recipes
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        name = DTYPE_ALIASES.get(name, name)
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}'{did_you_mean(name, DTYPES)} (known: {', '.join(sorted(DTYPES))})")
+        return name
+
+    @model_validator(mode="after")
+    def _shape(self) -> MergeConfig:
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("a recipe needs exactly one of 'models', 'slices' or 'modules'")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
+        return self
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith(("function-", "tagged-", "str", "dict[")):
+            out += f".{part}" if out else part
+    return out
+
+
+def _model_for_loc(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `loc` (to suggest its field names)."""
+    current: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return current if hasattr(current, "model_fields") else None
+        annotation = fields[part].annotation
+        current = _first_model(annotation)
+        if current is None:
+            return None
+    return current if hasattr(current, "model_fields") else None
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validation_error_to_merge_error(err: ValidationError, root: type[BaseModel], source: str) -> MergeError:
+    """One message listing every problem, each with its YAML path and a suggestion."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = _loc_to_path(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_for_loc(root, loc)
+            choices = list(owner.model_fields) if owner else []
+            key = str(loc[-1])
+            lines.append(f"{path}: unknown key '{key}'{did_you_mean(key, choices)}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg}")
+    # Unions report one error per alternative; keep each message once.
+    unique = list(dict.fromkeys(lines))
+    return MergeError("invalid recipe:\n  " + "\n  ".join(unique), source)
+
+
+def parse_config(data: Any, source: str = "recipe") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise MergeError(f"a recipe must be a YAML mapping, got {type(data).__name__}", source)
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise validation_error_to_merge_error(err, MergeConfig, source) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MergeError("recipe file not found", str(p)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MergeError(f"cannot read recipe: {err}", str(p)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise MergeError(f"not valid YAML: {err}", str(p)) from None
+
+
+def load_config(path: str | Path) -> tuple[MergeConfig, str]:
+    """Parse a recipe file; returns the config and its raw text (kept verbatim in the output)."""
+    data = load_yaml(path)
+    return parse_config(data, str(path)), Path(path).read_text(encoding="utf-8")

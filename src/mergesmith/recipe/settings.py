@@ -1,0 +1,89 @@
+"""Parameter settings: scalars, gradients and filtered values, evaluated per tensor.
+
+Forms a recipe may use for a parameter value (SPEC §2):
+- scalar: `0.5`, `true` (every scalar becomes a float, `true` -> 1.0)
+- gradient: `[0, 0.5, 1]`, interpolated over the layer position t in [0, 1]
+- filtered: `[{filter: self_attn, value: 0.3}, {value: 0.7}]`: the first entry whose filter is
+  absent, `"*"` or a substring of the tensor name; its value may itself be a gradient
+- a bare `{filter, value}` mapping (mergekit crashes on it; we treat it as a one-entry list)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mergesmith.errors import MergeError
+
+
+@dataclass(frozen=True)
+class Scalar:
+    value: float
+
+    def evaluate(self, name: str, t: float) -> float | None:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Gradient:
+    values: tuple[float, ...]
+
+    def evaluate(self, name: str, t: float) -> float | None:
+        k = len(self.values)
+        s = t * (k - 1)
+        i = math.floor(s)
+        i = min(max(i, 0), k - 1)
+        j = min(k - 1, i + 1)
+        frac = s - i
+        return (1 - frac) * self.values[i] + frac * self.values[j]
+
+
+@dataclass(frozen=True)
+class Filtered:
+    entries: tuple[tuple[str | None, Setting], ...]
+
+    def evaluate(self, name: str, t: float) -> float | None:
+        for pattern, setting in self.entries:
+            if pattern is None or pattern == "*" or pattern in name:
+                return setting.evaluate(name, t)
+        return None
+
+
+Setting = Scalar | Gradient | Filtered
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool | int | float):
+        return float(value)
+    raise MergeError(f"expected a number, got {value!r}", where)
+
+
+def parse_setting(raw: Any, where: str) -> Setting:
+    """Turn a recipe value into a Setting, or raise MergeError naming `where`."""
+    if isinstance(raw, bool | int | float):
+        return Scalar(float(raw))
+    if isinstance(raw, dict):
+        return Filtered((_filtered_entry(raw, where),))
+    if isinstance(raw, list):
+        if not raw:
+            raise MergeError("an empty list is not a value; give a number or a list of numbers", where)
+        if all(isinstance(v, dict) for v in raw):
+            return Filtered(tuple(_filtered_entry(v, f"{where}[{i}]") for i, v in enumerate(raw)))
+        if any(isinstance(v, dict | list) for v in raw):
+            raise MergeError("a list must be all numbers (a gradient) or all {filter, value} entries", where)
+        return Gradient(tuple(_number(v, f"{where}[{i}]") for i, v in enumerate(raw)))
+    raise MergeError(f"expected a number, a list of numbers or {{filter, value}} entries, got {raw!r}", where)
+
+
+def _filtered_entry(raw: dict[str, Any], where: str) -> tuple[str | None, Setting]:
+    unknown = set(raw) - {"filter", "value"}
+    if unknown:
+        raise MergeError(f"unknown key(s) {sorted(unknown)} in a filtered value; expected 'filter' and 'value'", where)
+    if "value" not in raw:
+        raise MergeError("a filtered entry needs a 'value'", where)
+    pattern = raw.get("filter")
+    if pattern is not None and not isinstance(pattern, str):
+        raise MergeError(f"'filter' must be a string, got {pattern!r}", f"{where}.filter")
+    value = parse_setting(raw["value"], f"{where}.value")
+    return pattern, value

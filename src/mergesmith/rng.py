@@ -1,0 +1,49 @@
+"""Seeded randomness keyed by (seed, tensor name, stream), independent of processing order.
+
+Every random draw of a merge comes from a counter-based generator (NumPy's Philox) whose key is a
+hash of the seed, the output tensor's name and a stream number (the input model's index). So a
+seeded merge is bit-identical on every rerun, whatever order tensors are processed in, and the
+same mask is drawn whether the maths runs on the CPU or a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+class TensorRNG:
+    """Random draws for one output tensor. `streams` names the inputs (model references), so
+    input i's draws depend on which model it is, not on its position in the recipe."""
+
+    def __init__(self, seed: int, key: str, streams: tuple[str, ...] = ()) -> None:
+        self.seed = seed
+        self.key = key
+        self.streams = streams
+
+    def _generator(self, stream: int) -> np.random.Generator:
+        label = self.streams[stream] if stream < len(self.streams) else str(stream)
+        digest = hashlib.blake2b(f"{self.seed}\0{self.key}\0{label}".encode(), digest_size=16).digest()
+        key = np.frombuffer(digest, dtype=np.uint64)
+        return np.random.Generator(np.random.Philox(key=key))
+
+    def uniform(
+        self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Float32 uniform draws in [0, 1) for `shape`."""
+        values = self._generator(stream).random(size=tuple(shape), dtype=np.float32)
+        out = torch.from_numpy(values)
+        return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
+
+    def keep_mask(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        p: float | torch.Tensor,
+        stream: int,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor)."""
+        u = self.uniform(shape, stream, device)
+        return u < p

@@ -1,0 +1,242 @@
+"""Input models: resolve a reference to a directory and read its metadata without reading tensors.
+
+safetensors headers are parsed directly (8-byte length + JSON), so planning a merge touches no
+tensor data. PyTorch `.bin` checkpoints are opened only with `torch.load(weights_only=True)`
+(memory-mapped), which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from mergesmith.errors import MergeError
+from mergesmith.sources.refs import ModelRef
+
+ST_DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+DTYPE_BYTES = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    file: str  # file name inside the model directory
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class ModelInfo:
+    ref: ModelRef
+    directory: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorMeta]
+    format: str  # "safetensors" or "bin"
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def name(self) -> str:
+        return str(self.ref)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MergeError("file not found", str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MergeError(f"not valid JSON: {err}", str(path)) from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Tensor metadata from a safetensors file, checking the header and the file size agree."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MergeError("truncated safetensors file (no header)", str(path))
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise MergeError("corrupt safetensors file (header length exceeds the file)", str(path))
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MergeError("file not found", str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MergeError("corrupt safetensors file (header is not JSON)", str(path)) from None
+    out: dict[str, TensorMeta] = {}
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            meta = TensorMeta(tuple(int(s) for s in info["shape"]), dtype, path.name)
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"corrupt safetensors header entry for tensor '{name}'", str(path)) from None
+        if end - start != meta.nbytes:
+            raise MergeError(f"corrupt safetensors file: tensor '{name}' has the wrong byte length", str(path))
+        data_end = max(data_end, end)
+        out[name] = meta
+    if 8 + n + data_end > size:
+        raise MergeError(
+            f"truncated safetensors file: {size} bytes, the header describes {8 + n + data_end}", str(path)
+        )
+    return out
+
+
+def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
+    """A local directory for `ref`: the path itself, or a hub snapshot of only the needed files."""
+    local = Path(ref.path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise MergeError("a model reference must be a directory (or a hub id), not a file", str(local))
+        return local
+    looks_local = ref.path.startswith(("/", ".", "~")) or ref.path.count("/") > 1
+    if looks_local:
+        raise MergeError("model directory not found", ref.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+        )
+    except Exception as err:  # network, auth, missing repo: all one message for the user
+        raise MergeError(
+            f"not a local directory, and fetching it from the Hugging Face hub failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})",
+            ref.path,
+        ) from None
+
+
+def _weights_index(directory: Path) -> tuple[str, dict[str, str]]:
+    """(format, tensor name -> file name) for the model in `directory`."""
+    for fmt, single, index in (
+        ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+        ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (directory / index).exists():
+            data = read_json(directory / index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise MergeError("index has no 'weight_map'", str(directory / index))
+            for file in set(weight_map.values()):
+                if not (directory / file).exists():
+                    raise MergeError(f"shard '{file}' named in the index is missing", str(directory / index))
+            return fmt, weight_map
+        if (directory / single).exists():
+            return fmt, {}
+    if (directory / "adapter_config.json").exists():
+        cfg = read_json(directory / "adapter_config.json")
+        base = cfg.get("base_model_name_or_path", "BASE") if isinstance(cfg, dict) else "BASE"
+        raise MergeError(f"this is a LoRA adapter, not a model; reference it as '{base}+{directory}'", str(directory))
+    raise MergeError(
+        "no model weights found (expected model.safetensors[.index.json] or pytorch_model.bin[.index.json])",
+        str(directory),
+    )
+
+
+def load_bin(path: Path) -> dict[str, Any]:
+    """A `.bin` state dict through torch's weights-only unpickler, memory-mapped. Never runs code."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zip" not in str(err):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise MergeError(
+            f"refused to load: this pickle is not plain tensor data and loading it could run code ({first})",
+            str(path),
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise MergeError(f"cannot read PyTorch checkpoint: {err}", str(path)) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise MergeError("not a state dict of tensors", str(path))
+    return sd
+
+
+def load_model_info(ref: ModelRef, cache_dir: str | None = None) -> ModelInfo:
+    directory = resolve_directory(ref, cache_dir)
+    config_path = directory / "config.json"
+    config = read_json(config_path) if config_path.exists() else {}
+    if not isinstance(config, dict):
+        raise MergeError("config.json must be a JSON object", str(config_path))
+    if ref.override_architecture:
+        config = {**config, "architectures": [ref.override_architecture]}
+    fmt, weight_map = _weights_index(directory)
+    tensors: dict[str, TensorMeta] = {}
+    extra: dict[str, Any] = {}
+    files = sorted(set(weight_map.values())) or (
+        ["model.safetensors"] if fmt == "safetensors" else ["pytorch_model.bin"]
+    )
+    for file in files:
+        if fmt == "safetensors":
+            metas = read_safetensors_header(directory / file)
+        else:
+            sd = load_bin(directory / file)
+            extra.setdefault("bin", {}).update(sd)
+            metas = {k: TensorMeta(tuple(v.shape), str(v.dtype).removeprefix("torch."), file) for k, v in sd.items()}
+        for name, meta in metas.items():
+            if weight_map and weight_map.get(name) not in (None, file):
+                continue
+            tensors[name] = meta
+    missing = [n for n, f in weight_map.items() if n not in tensors]
+    if missing:
+        raise MergeError(f"index names tensors that its shards lack: {missing[:3]}", str(directory))
+    info = ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format=fmt)
+    info._extra.update(extra)
+    return info
+
+
+def total_size(directory: Path) -> int:
+    return sum(os.path.getsize(p) for p in directory.glob("*.safetensors"))

@@ -1,0 +1,41 @@
+"""Reading tensors from input models: memory-mapped safetensors, or weights-only `.bin`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mergesmith.errors import MergeError
+from mergesmith.sources.model import ModelInfo
+
+
+class TensorReader:
+    """Lazily opens each shard of one model once and reads tensors by name."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, file: str) -> Any:
+        h = self._handles.get(file)
+        if h is None:
+            path = self.info.directory / file
+            try:
+                h = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as err:
+                raise MergeError(f"cannot open safetensors file: {err}", str(path)) from None
+            self._handles[file] = h
+        return h
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.info.tensors[name]
+        if self.info.format == "bin":
+            return self.info._extra["bin"][name]
+        try:
+            return self._handle(meta.file).get_tensor(name)
+        except MergeError:
+            raise
+        except Exception as err:
+            raise MergeError(f"cannot read tensor '{name}': {err}", str(self.info.directory / meta.file)) from None

@@ -1,0 +1,163 @@
+"""Small real models in Hugging Face format, built offline: for the demo, the tests and the benchmarks.
+
+A base model is a randomly initialised `transformers` model (Llama- or GPT-2-style) with a word-level
+tokenizer; a fine-tune is the base plus seeded deltas, written as safetensors (optionally sharded)
+or as a PyTorch `.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+WORDS = (
+    "the a an and or of to in on for with is are was were be been it this that these those i you he she we they "
+    "model merge weights layer token hello world good bad yes no one two three four five red green blue cat dog"
+).split()
+
+
+def build_tokenizer(directory: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = specials + WORDS
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab_size])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(directory)
+
+
+def _config(family: str, layers: int, hidden: int, vocab: int, tie: bool) -> object:
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=tie,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=True,
+        )
+    raise ValueError(f"unknown family {family!r}")
+
+
+def save_state_dict(directory: Path, state: dict[str, torch.Tensor], fmt: str = "safetensors", shards: int = 1) -> None:
+    """Write `state` as model.safetensors, N safetensors shards + index, or pytorch_model.bin."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # no shared storage
+    if fmt == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    if shards <= 1:
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[k * per : (k + 1) * per]}
+        save_file(part, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_base(
+    directory: str | Path,
+    *,
+    family: str = "llama",
+    layers: int = 4,
+    hidden: int = 32,
+    vocab: int = 96,
+    tie: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    fmt: str = "safetensors",
+    shards: int = 1,
+) -> Path:
+    """A randomly initialised model of `family` with a tokenizer, saved in Hugging Face format."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    directory = Path(directory)
+    config = _config(family, layers, hidden, vocab, tie)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    state = model.state_dict()
+    if tie or family == "gpt2":
+        state.pop("lm_head.weight", None)  # tied: saved once, as the embedding
+    directory.mkdir(parents=True, exist_ok=True)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(directory)
+    save_state_dict(directory, state, fmt, shards)
+    build_tokenizer(directory, vocab)
+    return directory
+
+
+def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory (safetensors or .bin, sharded or not)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(f))
+    for f in sorted(directory.glob("pytorch_model*.bin")):
+        state.update(torch.load(f, weights_only=True))
+    return state
+
+
+def make_finetune(
+    base: str | Path,
+    directory: str | Path,
+    *,
+    seed: int,
+    scale: float = 0.02,
+    fmt: str = "safetensors",
+    shards: int = 1,
+) -> Path:
+    """`base` plus seeded Gaussian deltas on every floating tensor, with the base's config and tokenizer."""
+    import shutil
+
+    base, directory = Path(base), Path(directory)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in load_state_dict(base).items():
+        if t.is_floating_point():
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
+            t = (t.float() + noise).to(t.dtype)
+        state[name] = t
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.suffix in (".json", ".jinja", ".model", ".txt") and "index" not in f.name:
+            shutil.copyfile(f, directory / f.name)
+    save_state_dict(directory, state, fmt, shards)
+    return directory
