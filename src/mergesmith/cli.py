@@ -215,5 +215,11 @@ def demo(workdir: str) -> None:
     click.echo(f"transformers loaded the merge and generated: {text!r}")
 
 
+# Feature commands live beside their feature; each module registers its commands on `main`.
+COMMAND_MODULES: list[str] = []
+
+for _module in COMMAND_MODULES:
+    __import__(_module)
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import ModelInfo, load_model_info
-from mergesmith.sources.reader import TensorReader
+from mergesmith.sources.reader import open_sources
 from mergesmith.sources.refs import parse_ref
 
 log = logging.getLogger("mergesmith")
@@ -70,6 +70,54 @@ def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str,
     return plan_merge(config, models), models
 
 
+def write_weights(
+    plan: Plan,
+    models: dict[str, ModelInfo],
+    directory: Path,
+    config: MergeConfig,
+    options: MergeOptions,
+    progress: Callable[[OutputTensor], None] | None = None,
+) -> list[str]:
+    """Stream every planned tensor through its method into the shards; returns the shard names."""
+    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
+    writer = ShardWriter(directory, shards)
+    try:
+        executor = Executor(
+            plan, open_sources(models), dtype=config.dtype, device=options.device, seed=options.random_seed or 0
+        )
+        executor.run(writer.write, progress)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def write_side_files(
+    directory: Path,
+    name: str,
+    plan: Plan,
+    models: dict[str, ModelInfo],
+    config: MergeConfig,
+    recipe_text: str,
+    options: MergeOptions,
+) -> None:
+    """config.json, tokenizer, chat template, recipe copy and model card."""
+    donor = models[plan.donor]
+    model_files.write_config(directory, donor.config, plan.config_updates)
+    if options.copy_tokenizer:
+        model_files.copy_tokenizer(directory, donor.directory)
+        model_files.copy_generation_config(directory, donor.directory)
+    if config.chat_template:
+        from mergesmith.output.chat_template import apply_chat_template
+
+        apply_chat_template(directory, config.chat_template, [m.directory for m in models.values()])
+    (directory / "mergesmith_config.yml").write_text(recipe_text)
+    if options.write_model_card:
+        base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
+        text = card.model_card(name, get_method(config.merge_method), base, referenced_models(config), recipe_text)
+        (directory / "README.md").write_text(text)
+
+
 def run_merge(
     config: MergeConfig,
     recipe_text: str,
@@ -91,32 +139,8 @@ def run_merge(
         log.warning("--no-safe-serialization: writing safetensors anyway (pickled .bin output is unsafe to share)")
     directory = staged.begin()
     try:
-        shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
-        writer = ShardWriter(directory, shards)
-        try:
-            readers = {key: TensorReader(info) for key, info in models.items()}
-            executor = Executor(plan, readers, dtype=config.dtype, device=options.device, seed=options.random_seed or 0)
-            executor.run(writer.write, progress)
-        except BaseException:
-            writer.abort()
-            raise
-        files = writer.close()
-        donor = models[plan.donor]
-        model_files.write_config(directory, donor.config, plan.config_updates)
-        if options.copy_tokenizer:
-            model_files.copy_tokenizer(directory, donor.directory)
-            model_files.copy_generation_config(directory, donor.directory)
-        if config.chat_template:
-            from mergesmith.output.chat_template import apply_chat_template
-
-            apply_chat_template(directory, config.chat_template, [m.directory for m in models.values()])
-        (directory / "mergesmith_config.yml").write_text(recipe_text)
-        if options.write_model_card:
-            base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
-            text = card.model_card(
-                Path(out).name, get_method(config.merge_method), base, referenced_models(config), recipe_text
-            )
-            (directory / "README.md").write_text(text)
+        files = write_weights(plan, models, directory, config, options, progress)
+        write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
         staged.commit()
     except BaseException:
         staged.discard()

@@ -15,7 +15,7 @@ from mergesmith.errors import MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor, Plan
 from mergesmith.rng import TensorRNG
-from mergesmith.sources.reader import TensorReader
+from mergesmith.sources.reader import TensorSource
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -38,7 +38,7 @@ class Executor:
     def __init__(
         self,
         plan: Plan,
-        readers: Mapping[str, TensorReader],
+        readers: Mapping[str, TensorSource],
         *,
         dtype: str | None = None,
         device: str = "cpu",

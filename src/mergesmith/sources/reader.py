@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
 from mergesmith.errors import MergeError
 from mergesmith.sources.model import ModelInfo
+
+
+class TensorSource(Protocol):
+    """Anything the executor can read input tensors from, by name (a model file, a model with a
+    LoRA applied, a vocabulary-aligned view of several models, ...)."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def open_sources(models: dict[str, ModelInfo]) -> dict[str, TensorSource]:
+    """One tensor source per model key."""
+    return {key: TensorReader(info) for key, info in models.items()}
 
 
 class TensorReader:
