@@ -40,11 +40,16 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
-    level = (
-        logging.ERROR if quiet else logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    )
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+def setup_logging(verbose: int) -> None:
+    """`--quiet` hides progress bars only: warnings always show."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logger = logging.getLogger("mergesmith")
+    logger.setLevel(level)
+    if not any(getattr(h, "_mergesmith", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler._mergesmith = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,7 +121,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     from mergesmith.merge import MergeOptions, prepare, run_merge
     from mergesmith.recipe.schema import load_config
 
-    setup_logging(opts["verbose"], opts["quiet"])
+    setup_logging(opts["verbose"])
     if opts["num_threads"]:
         import torch
 
