@@ -8,7 +8,6 @@ tensor data. PyTorch `.bin` checkpoints are opened only with `torch.load(weights
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -141,9 +140,16 @@ def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
+        path = Path(
             snapshot_download(ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
         )
+        if not any(path.glob("*.safetensors")):  # a repository with PyTorch checkpoints only
+            path = Path(
+                snapshot_download(
+                    ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=[*HUB_PATTERNS, "*.bin"]
+                )
+            )
+        return path
     except Exception as err:  # network, auth, missing repo: all one message for the user
         raise MergeError(
             f"not a local directory, and fetching it from the Hugging Face hub failed ({type(err).__name__}: "
@@ -236,7 +242,3 @@ def load_model_info(ref: ModelRef, cache_dir: str | None = None) -> ModelInfo:
     info = ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format=fmt)
     info._extra.update(extra)
     return info
-
-
-def total_size(directory: Path) -> int:
-    return sum(os.path.getsize(p) for p in directory.glob("*.safetensors"))
