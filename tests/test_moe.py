@@ -392,3 +392,15 @@ def test_validate_moe_config_reports_without_building(models, tmp_path):
     bad.write_text(yaml.safe_dump({"base_model": str(models["gpt2"]), "gate_mode": "random", "experts": gpt2}))
     (err,) = validate_moe_config(bad)
     assert "Supported:" in str(err)
+
+
+def test_expert_with_a_differently_padded_vocab(models, tmp_path):
+    padded = make_base(tmp_path / "padded", layers=4, hidden=32, vocab=128, seed=21)
+    recipe = {"base_model": str(models["base"]), "gate_mode": "cheap_embed", "experts": experts(models["ft1"], padded)}
+    out = tmp_path / "padded_moe"
+    moe(recipe, out)
+    got, src = tensors(out), load_state_dict(padded)
+    assert got["model.embed_tokens.weight"].shape == (96, 32) and load(out).config.vocab_size == 96
+    assert torch.equal(
+        got["model.layers.3.block_sparse_moe.experts.1.w2.weight"], src["model.layers.3.mlp.down_proj.weight"]
+    )
