@@ -221,10 +221,14 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["mergesmith.moe.cli"]
 
 for _module in COMMAND_MODULES:
     __import__(_module)
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m mergesmith.cli`, this file is `__main__`; feature modules register their commands
+    # on the group of the imported `mergesmith.cli`, so that is the one to run.
+    from mergesmith.cli import main as registered_main
+
+    registered_main()

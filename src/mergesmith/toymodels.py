@@ -38,6 +38,8 @@ def build_tokenizer(directory: Path, vocab_size: int) -> None:
 def _config(family: str, layers: int, hidden: int, vocab: int, tie: bool) -> object:
     from transformers import GPT2Config, LlamaConfig
 
+    if family in LLAMA_LIKE:
+        return _llama_like_config(family, layers, hidden, vocab, tie)
     if family == "llama":
         return LlamaConfig(
             vocab_size=vocab,
@@ -65,6 +67,42 @@ def _config(family: str, layers: int, hidden: int, vocab: int, tie: bool) -> obj
             tie_word_embeddings=True,
         )
     raise ValueError(f"unknown family {family!r}")
+
+
+# Dense families with Llama-style (gate/up/down) MLPs, the inputs of the MoE builder.
+LLAMA_LIKE = ("mistral", "qwen2", "qwen3", "granite")
+
+
+def _llama_like_config(family: str, layers: int, hidden: int, vocab: int, tie: bool) -> object:
+    import transformers
+
+    cls = {
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "granite": transformers.GraniteConfig,
+    }[family]
+    extra: dict[str, object] = {}
+    if family == "qwen3":
+        extra["head_dim"] = hidden // 4
+    if family == "granite":  # non-trivial multipliers, so a converter that drops them is caught
+        extra.update(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)
+    if family == "mistral":
+        extra["sliding_window"] = None
+    return cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **extra,
+    )
 
 
 def save_state_dict(directory: Path, state: dict[str, torch.Tensor], fmt: str = "safetensors", shards: int = 1) -> None:
@@ -103,7 +141,8 @@ def make_base(
     fmt: str = "safetensors",
     shards: int = 1,
 ) -> Path:
-    """A randomly initialised model of `family` with a tokenizer, saved in Hugging Face format."""
+    """A randomly initialised model of `family` (llama, gpt2, mistral, qwen2, qwen3, granite) with a
+    tokenizer, saved in Hugging Face format."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)

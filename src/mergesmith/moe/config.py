@@ -1,0 +1,121 @@
+"""The mergekit-moe YAML schema: a base model, experts with prompts, a gate mode.
+
+Errors name the YAML path and suggest the nearest valid key, as the `run` recipe schema does.
+Checks that need no model file (expert counts, prompts) are made here, so `validate` can report
+them without touching a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.recipe.schema import (
+    DTYPE_ALIASES,
+    DTYPES,
+    ModelRefLike,
+    _Strict,
+    load_yaml,
+    validation_error_to_merge_error,
+)
+
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+PROMPTED_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+
+
+class ExpertSpec(_Strict):
+    source_model: ModelRefLike
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+
+class MoEConfig(_Strict):
+    base_model: ModelRefLike
+    experts: list[ExpertSpec] = Field(min_length=1)
+    gate_mode: str = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    shared_experts: list[ExpertSpec] | None = None
+    architecture: str | None = None
+
+    @field_validator("gate_mode")
+    @classmethod
+    def _gate_mode(cls, v: str) -> str:
+        if v not in GATE_MODES:
+            raise ValueError(f"unknown gate mode '{v}'{did_you_mean(v, GATE_MODES)} (known: {', '.join(GATE_MODES)})")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        name = DTYPE_ALIASES.get(name, name)
+        floats = sorted(DTYPES - {"int64"})
+        if name not in floats:
+            raise ValueError(f"unknown dtype '{v}'{did_you_mean(name, floats)} (known: {', '.join(floats)})")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEConfig:
+        n = len(self.experts)
+        if not 1 <= self.experts_per_token <= n:
+            raise ValueError(
+                f"experts_per_token must be between 1 and the number of experts ({n}), got {self.experts_per_token}"
+            )
+        if self.gate_mode in PROMPTED_MODES:
+            groups = [("experts", self.experts), ("shared_experts", self.shared_experts or [])]
+            missing = [f"{key}[{i}]" for key, group in groups for i, e in enumerate(group) if not e.positive_prompts]
+            if missing:
+                raise ValueError(
+                    f"gate_mode '{self.gate_mode}' routes by prompts, but {', '.join(missing)} has no positive_prompts;"
+                    " add prompts or use gate_mode 'random' / 'uniform_random'"
+                )
+            prompts = {
+                tuple(e.positive_prompts or ()) + ("\0",) + tuple(e.negative_prompts or ()) for e in self.experts
+            }
+            if n > 1 and len(prompts) == 1:
+                raise ValueError("every expert has the same prompts, so the router could not tell them apart")
+        return self
+
+
+def parse_moe_config(data: Any, source: str = "config") -> MoEConfig:
+    if not isinstance(data, dict):
+        raise MergeError(f"an MoE config must be a YAML mapping, got {type(data).__name__}", source)
+    try:
+        return MoEConfig.model_validate(data)
+    except ValidationError as err:
+        raise validation_error_to_merge_error(err, MoEConfig, source) from None
+
+
+def load_moe_config(path: str | Path) -> tuple[MoEConfig, str]:
+    """Parse an MoE config file; returns the config and its raw text (kept verbatim in the output)."""
+    data = load_yaml(path)
+    return parse_moe_config(data, str(path)), Path(path).read_text(encoding="utf-8")
+
+
+def is_moe_config(data: Any) -> bool:
+    """True for a mergekit-moe document (it has `experts`, and no `merge_method`)."""
+    return isinstance(data, dict) and "experts" in data and "merge_method" not in data
+
+
+def validate_moe_config(path: str | Path) -> list[MergeError]:
+    """Every problem with an MoE config, without reading tensors: schema errors, then the output
+    family (which reads only config.json and safetensors headers of the models). Empty when valid."""
+    try:
+        config, _ = load_moe_config(path)
+    except MergeError as err:
+        return [err]
+    from mergesmith.moe.build import resolve_inputs
+
+    try:
+        resolve_inputs(config)
+    except MergeError as err:
+        return [err]
+    return []
