@@ -44,7 +44,7 @@ def moe(config_file: str, out_path: str, **opts: Any) -> None:
     from mergesmith.moe.build import run_moe
     from mergesmith.moe.config import load_moe_config
 
-    setup_logging(opts["verbose"], opts["quiet"])
+    setup_logging(opts["verbose"])
     if opts["load_in_4bit"] or opts["load_in_8bit"]:
         click.echo("note: --load-in-4bit/8bit is not needed; the base model runs in bfloat16", err=True)
     config, text = load_moe_config(config_file)
