@@ -120,6 +120,7 @@ def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Upload the merge when done.")
 @tuning_flags
 @user_errors
 def run(config_file: str, out_path: str | None, **opts: Any) -> None:
@@ -175,6 +176,10 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         return
     if out_path is None:
         raise click.UsageError("OUT_PATH is required unless --dry-run is given")
+    if opts["push_to_hub"]:
+        from mergesmith.hub import check_login
+
+        check_login()  # before the merge, not after it
     from mergesmith.progress import MergeProgress
 
     with MergeProgress(disable=opts["quiet"]) as progress:
@@ -187,6 +192,10 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
             on_plan=progress.start,
         )
     click.echo(summary.line())
+    if opts["push_to_hub"]:
+        from mergesmith.hub import upload
+
+        click.echo(f"uploaded: {upload(out_path, opts['push_to_hub'])}")
 
 
 @main.command()
@@ -232,7 +241,7 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = ["mergesmith.moe.cli"]
+COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi"]
 
 for _module in COMMAND_MODULES:
     __import__(_module)

@@ -114,7 +114,10 @@ def write_side_files(
     (directory / "mergesmith_config.yml").write_text(recipe_text)
     if options.write_model_card:
         base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
-        text = card.model_card(name, get_method(config.merge_method), base, referenced_models(config), recipe_text)
+        licence = card.agreed_license(m.directory for m in models.values())
+        text = card.model_card(
+            name, get_method(config.merge_method), base, referenced_models(config), recipe_text, license=licence
+        )
         (directory / "README.md").write_text(text)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +13,17 @@ import yaml
 from mergesmith.methods.registry import MergeMethod
 from mergesmith.sources.refs import ModelRef, parse_ref
 
+INTRO = (
+    "This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/mergesmith/)."
+)
+
 
 def is_hub_id(ref: ModelRef) -> bool:
     path = ref.path
     return not path.startswith(("/", "~", ".")) and path.count("/") <= 1 and not Path(path).exists()
 
 
-def hub_ids(refs: list[ModelRef]) -> list[str]:
+def hub_ids(refs: Iterable[ModelRef]) -> list[str]:
     ids: dict[str, None] = {}
     for ref in refs:
         for part in (ref, ref.lora):
@@ -25,26 +32,84 @@ def hub_ids(refs: list[ModelRef]) -> list[str]:
     return list(ids)
 
 
-def model_card(name: str, method: MergeMethod, base: ModelRef | None, refs: list[ModelRef], recipe: str) -> str:
+def read_license(directory: Path) -> str | None:
+    """An input's license: its card's front matter `license:`, else a `license` key in config.json."""
+    readme = directory / "README.md"
+    if readme.is_file():
+        front = front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+        if isinstance(front.get("license"), str):
+            return front["license"]
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("license") if isinstance(config, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def agreed_license(directories: Iterable[Path]) -> str | None:
+    """The license every input declares, or None when one is silent or two differ."""
+    found = {read_license(d) for d in directories}
+    return found.pop() if len(found) == 1 and None not in found else None
+
+
+def front_matter(text: str) -> dict:
+    """The YAML between the leading `---` lines of a card ({} when absent or unreadable)."""
+    if not text.startswith("---"):
+        return {}
+    parts = text.split("\n---", 1)
+    if len(parts) < 2:
+        return {}
+    try:
+        data = yaml.safe_load(parts[0].removeprefix("---"))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage of a multi-stage merge, for the card's stage graph."""
+
+    name: str
+    method: MergeMethod
+    base: str | None  # display form: a stage name or a model reference
+    inputs: list[str]  # display forms of the other inputs
+
+
+def model_card(
+    name: str,
+    method: MergeMethod,
+    base: ModelRef | None,
+    refs: list[ModelRef],
+    recipe: str,
+    *,
+    license: str | None = None,
+    stages: list[StageSummary] | None = None,
+) -> str:
+    """The card: front matter, method with its paper, inputs, stage graph (multi-stage), recipe."""
     front: dict[str, object] = {}
     ids = hub_ids(refs)
     if ids:
         front["base_model"] = ids
+    if license:
+        front["license"] = license
     front["library_name"] = "transformers"
     front["tags"] = ["merge", "mergesmith"]
-    link = f"[{method.pretty}]({method.paper})" if method.paper else method.pretty
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", f"# {name}", ""]
-    lines.append(
-        "This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/mergesmith/)."
-    )
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", f"# {name}", "", INTRO]
     lines += ["", "## Merge details", "", "### Merge method", ""]
-    if base is not None and method.name != "slerp":
+    link = _method_link(method)
+    if stages:
+        lines.append(f"This model was merged in {len(stages)} stages; the last one used the {link} merge method.")
+    elif base is not None and method.name != "slerp":
         lines.append(f"This model was merged using the {link} merge method using {_show(base)} as a base.")
     else:
         lines.append(f"This model was merged using the {link} merge method.")
+    if stages:
+        lines += ["", "### Stages", "", *stage_graph(stages)]
     lines += ["", "### Models merged", "", "The following models were included in the merge:"]
     for ref in refs:
-        if base is None or ref.key != base.key:
+        if stages or base is None or ref.key != base.key:
             lines.append(f"* {_show(ref)}")
     lines += [
         "",
@@ -58,6 +123,32 @@ def model_card(name: str, method: MergeMethod, base: ModelRef | None, refs: list
         "",
     ]
     return "\n".join(lines)
+
+
+def stage_graph(stages: list[StageSummary]) -> list[str]:
+    """Stages in the order they ran, then the same graph as a mermaid flowchart."""
+    lines = []
+    for i, s in enumerate(stages, 1):
+        inputs = ", ".join(f"`{x}`" for x in s.inputs) or "-"
+        based = f" with base `{s.base}`" if s.base else ""
+        lines.append(f"{i}. **{s.name}**: {_method_link(s.method)} of {inputs}{based}")
+    ids: dict[str, str] = {}
+
+    def node(label: str) -> str:
+        if label not in ids:
+            ids[label] = f"n{len(ids)}"
+        return ids[label]
+
+    edges = []
+    for s in stages:
+        for x in ([s.base] if s.base else []) + s.inputs:
+            edges.append(f"  {node(x)} --> {node(s.name)}")
+    labels = [f'  {i}["{label.replace(chr(34), "")}"]' for label, i in ids.items()]
+    return [*lines, "", "```mermaid", "graph LR", *labels, *edges, "```"]
+
+
+def _method_link(method: MergeMethod) -> str:
+    return f"[{method.pretty}]({method.paper})" if method.paper else method.pretty
 
 
 def _show(ref: ModelRef) -> str:

@@ -45,7 +45,7 @@ DTYPE_BYTES = {
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
 }
-HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja"]
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 
 
 @dataclass(frozen=True)
