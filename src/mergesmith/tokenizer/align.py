@@ -42,11 +42,14 @@ class VocabAlignment:
     maps: dict[str, list[int]]  # model key -> new id -> old row (-1 absent)
     recipes: dict[str, dict[int, Recipe]]  # model key -> rows not taken from its own row
     rules: dict[str, str]  # token -> the default rule used for it
-    roles: dict[str, dict[str, str]]  # model key -> {"embed": name, "head": name}
+    roles: dict[str, dict[str, str]]  # model key -> {"embed": name, "head": name (the embedding if tied)}
+    aliases: dict[str, dict[str, str]]  # model key -> {lm_head name a tied model answers: its embedding}
     _rows: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def role_of(self, key: str, name: str) -> str | None:
         names = self.roles[key]
+        if name in self.aliases[key]:
+            return "head"
         if name == names.get("head") and name != names.get("embed"):
             return "head"
         return "embed" if name == names.get("embed") else None
@@ -177,6 +180,10 @@ def align_vocabularies(config: MergeConfig, models: dict[str, ModelInfo]) -> dic
     base = parse_ref(config.base_model, "base_model").key if config.base_model is not None else next(iter(models))
     roles = {k: _roles(info) for k, info in models.items()}
     rows = {k: info.tensors[roles[k]["embed"]].shape[0] for k, info in models.items()}
+    # When some model has its own lm_head the output has one, and a tied model's stand-in for it (its
+    # embedding) must take the lm_head default rows: it answers to the head's name.
+    head = next((r["head"] for r in roles.values() if r["head"] != r["embed"]), None)
+    aliases = {k: {head: r["embed"]} if head and r["head"] == r["embed"] else {} for k, r in roles.items()}
     specs = parse_token_specs(config.tokenizer.tokens if config.tokenizer else None, resolve)
     tokenizers = {k: load_tokenizer(info.directory) for k, info in models.items()}
     built = build_tokenizer(source, base, tokenizers, rows, list(specs))
@@ -187,13 +194,15 @@ def align_vocabularies(config: MergeConfig, models: dict[str, ModelInfo]) -> dic
             log.warning(f"token {token!r}: no model has it and no source is configured; its embedding rows are zeros")
     multiple = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
     rows_out = -(-built.size // multiple) * multiple if multiple else built.size
-    alignment = VocabAlignment(built, str(raw_source), base, rows_out, maps, recipes, rules, roles)
+    alignment = VocabAlignment(built, str(raw_source), base, rows_out, maps, recipes, rules, roles, aliases)
     out = {}
     for k, info in models.items():
         tensors = dict(info.tensors)
         for role_name in set(roles[k].values()):
             meta = tensors[role_name]
             tensors[role_name] = TensorMeta((rows_out, *meta.shape[1:]), meta.dtype, meta.file)
+        for alias, real in aliases[k].items():
+            tensors[alias] = tensors[real]
         out[k] = dataclasses.replace(info, tensors=tensors, _extra={**info._extra, EXTRA_KEY: alignment})
     return out
 
@@ -209,7 +218,7 @@ class AlignedSource:
         self.key, self.alignment, self.readers = key, alignment, readers
 
     def get(self, name: str) -> torch.Tensor:
-        x = self.readers[self.key].get(name)
+        x = self.readers[self.key].get(self.alignment.aliases[self.key].get(name, name))
         role = self.alignment.role_of(self.key, name)
         return x if role is None else self.alignment.realign(self.key, role, x, self.readers)
 

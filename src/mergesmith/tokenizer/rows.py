@@ -39,7 +39,9 @@ def parse_token_specs(raw: Mapping[str, Any] | None, resolve: Callable[[Any, str
         unknown = set(value) - {"source", "force"}
         if unknown:
             raise MergeError(f"unknown key(s) {sorted(unknown)} (known: source, force)", where)
-        specs[token] = TokenSpec(_parse_source(value.get("source"), resolve, f"{where}.source"), bool(value.get("force")))
+        specs[token] = TokenSpec(
+            _parse_source(value.get("source"), resolve, f"{where}.source"), bool(value.get("force"))
+        )
     return specs
 
 
