@@ -31,7 +31,7 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "base": base,
         "chatml": make_vocab_variant(base, root / "chatml", seed=1, added=CHATML, eos_token="<|im_end|>"),
         "llama3": make_vocab_variant(base, root / "llama3", seed=2, added=LLAMA3, eos_token="<|eot_id|>", shuffle=True),
-        "padded": make_vocab_variant(base, root / "padded", seed=3, pad_to_multiple_of=64),
+        "padded": make_vocab_variant(base, root / "padded", seed=3, pad_to_multiple_of=64, new_words=("zebra", "yak")),
         "tied": tied,
         "tied_chat": make_vocab_variant(tied, root / "tied_chat", seed=4, added=CHATML),
     }
@@ -110,15 +110,18 @@ def test_union_adds_every_models_tokens(vm, tmp_path):
     # base ids unchanged; ChatML's tokens next, then Llama-3's, in their models' order
     assert encode(out, "<|im_start|>hello world<|eot_id|> cat") == [96, b["hello"], b["world"], 101, b["cat"]]
     assert encode(out, "<|begin_of_text|><|im_end|>") == [98, 97]
-    check_rows(out, dirs, "base", {}, rows=102)
+    assert encode(out, "zebra cat yak") == [102, b["cat"], 103]  # the padded model's own words, added last
+    check_rows(out, dirs, "base", {}, rows=104)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vocab_size"] == 102 and cfg["eos_token_id"] == b["</s>"] and cfg["bos_token_id"] == b["<s>"]
+    assert cfg["vocab_size"] == 104 and cfg["eos_token_id"] == b["</s>"] and cfg["bos_token_id"] == b["<s>"]
     report = json.loads((out / "merge_report.json").read_text())["vocabulary"]
-    assert report["vocab_size"] == 102 and report["embedding_rows"] == 102
+    assert report["vocab_size"] == 104 and report["embedding_rows"] == 104
     assert report["added_tokens"] == {
         **dict.fromkeys(CHATML, str(vm["chatml"])),
         **dict.fromkeys(LLAMA3, str(vm["llama3"])),
+        **dict.fromkeys(("zebra", "yak"), str(vm["padded"])),
     }
+    assert report["fallback_rows"]["w42"] == "base"  # the padded model lacks it, three others have it
     assert report["fallback_rows"]["<|eot_id|>"] == f"only {vm['llama3']}"
 
 
@@ -145,7 +148,7 @@ def test_tokenizer_source_legacy_key_and_base(vm, tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 96
 
 
-def test_token_sources_forced_zero_and_model_token(vm, tmp_path, caplog):
+def test_token_sources_forced_zero_and_model_token(vm, tmp_path):
     dirs = {k: vm[k] for k in ("base", "chatml", "llama3")}
     specs = {
         "<|im_start|>": {"source": {"kind": "model_token", "model": str(vm["chatml"]), "token": "<|im_end|>"}},
@@ -197,32 +200,33 @@ def test_tied_and_untied_inputs_write_an_untied_head(vm, tmp_path):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
-def test_without_a_tokenizer_block_vocab_follows_the_rows(vm, tmp_path, caplog):
-    out = tmp_path / "lin"
-    result = merge(
-        {
-            "merge_method": "linear",
-            "models": [{"model": str(vm[k]), "parameters": {"weight": 1.0}} for k in ("base", "padded")],
-        },
-        out,
-    )
-    del result
-    y, b, p = tensors(out), tensors(vm["base"]), tensors(vm["padded"])
+def test_without_a_tokenizer_block_vocab_follows_the_rows(vm, tmp_path):
+    from mergesmith.merge import MergeOptions, prepare
+    from mergesmith.recipe.schema import parse_config
+
+    lin = {
+        "merge_method": "linear",
+        "models": [{"model": str(vm[k]), "parameters": {"weight": 1.0}} for k in ("base", "padded")],
+    }
+    plan, _ = prepare(parse_config(lin), MergeOptions())
+    for name in (EMBED, HEAD):  # the warning names each tensor and every model's size
+        assert any(w.startswith(name) and "[128, 32]" in w and "[96, 32]" in w for w in plan.warnings)
+    merge(lin, tmp_path / "lin")
+    y, b, p = tensors(tmp_path / "lin"), tensors(vm["base"]), tensors(vm["padded"])
     torch.testing.assert_close(y[EMBED], (b[EMBED] + p[EMBED][:96]) / 2)
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 96
-    out2 = tmp_path / "ta"
-    merge(
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": str(vm["padded"]),
-            "models": [{"model": str(vm["base"]), "parameters": {"weight": 1.0}}],
-        },
-        out2,
+    assert json.loads((tmp_path / "lin" / "config.json").read_text())["vocab_size"] == 96
+    ta = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(vm["padded"]),
+        "models": [{"model": str(vm["base"]), "parameters": {"weight": 1.0}}],
+    }
+    merge(ta, tmp_path / "ta")
+    y2 = tensors(tmp_path / "ta")
+    assert (
+        y2[EMBED].shape == (128, 32) and json.loads((tmp_path / "ta" / "config.json").read_text())["vocab_size"] == 128
     )
-    y2 = tensors(out2)
-    assert y2[EMBED].shape == (128, 32) and json.loads((out2 / "config.json").read_text())["vocab_size"] == 128
-    torch.testing.assert_close(y2[EMBED][:96], b[EMBED])
-    torch.testing.assert_close(y2[EMBED][96:], p[EMBED][96:])
+    torch.testing.assert_close(y2[EMBED][:96], b[EMBED])  # base + (model - base) on the shared rows
+    torch.testing.assert_close(y2[EMBED][96:], p[EMBED][96:])  # rows only the base has stay the base's
 
 
 def test_recipe_errors_name_the_token(vm, tmp_path):

@@ -171,6 +171,7 @@ def make_vocab_variant(
     added: tuple[str, ...] = (),
     eos_token: str | None = None,
     shuffle: bool = False,
+    new_words: tuple[str, ...] = (),
     pad_to_multiple_of: int | None = None,
     scale: float = 0.02,
 ) -> Path:
@@ -178,7 +179,7 @@ def make_vocab_variant(
 
     `added` special tokens (ChatML's `<|im_start|>`, Llama-3's `<|eot_id|>`, ...) get new rows at the
     end of the embedding (and lm_head); `shuffle` renumbers the ordinary words (rows move with their
-    words); `pad_to_multiple_of` appends random rows past the tokenizer's length; `eos_token` makes
+    words); `new_words` replace the last ordinary words of the vocabulary (same ids, new strings); `pad_to_multiple_of` appends random rows past the tokenizer's length; `eos_token` makes
     one of the added tokens the end-of-sequence token in the tokenizer, config.json and
     generation_config.json. Other tensors are the base plus seeded noise.
     """
@@ -197,6 +198,8 @@ def make_vocab_variant(
     if shuffle:
         order = list(range(4)) + (torch.randperm(n - 4, generator=gen) + 4).tolist()  # specials stay put
     by_old = {i: w for w, i in vocab.items()}
+    for k, word in enumerate(new_words):
+        by_old[n - len(new_words) + k] = word
     words = {by_old[old]: new for new, old in enumerate(order)}
     tok = Tokenizer(tk_models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = raw.pre_tokenizer
