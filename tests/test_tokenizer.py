@@ -246,3 +246,12 @@ def test_recipe_errors_name_the_token(vm, tmp_path):
     result = run_cli("run", path, tmp_path / "out", "--quiet")
     assert result.exit_code == 2
     assert "tokenizer.tokens.<|im_start|>.source" in result.output and "nope" in result.output
+
+
+def test_tokens_two_models_share_take_their_mean(vm, tmp_path):
+    dirs = {k: vm[k] for k in ("base", "chatml", "tied_chat")}
+    out = tmp_path / "out"
+    merge(recipe(dirs, "base", tokenizer={"source": "union"}), out)
+    check_rows(out, dirs, "base", {}, rows=98)
+    rules = json.loads((out / "merge_report.json").read_text())["vocabulary"]["fallback_rows"]
+    assert rules["<|im_start|>"] == f"mean of {vm['chatml']}, {vm['tied_chat']}"

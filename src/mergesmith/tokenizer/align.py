@@ -58,17 +58,17 @@ class VocabAlignment:
         """Model `key`'s tensor `x` (old rows) re-indexed to the output vocabulary."""
         n = self.built.size
         index = torch.tensor(self.maps[key], dtype=torch.long)
-        out = torch.zeros((self.rows_out, *x.shape[1:]), dtype=torch.float32)
+        out = torch.zeros((self.rows_out, *x.shape[1:]), dtype=x.dtype)  # in the input dtype: one copy
         own = index >= 0
-        out[:n][own] = x[index[own]].float()
+        out[:n][own] = x[index[own]]
         recipes = self.recipes[key]
         if recipes:
             self._load_rows(role, readers)
             for new_id, recipe in recipes.items():
-                out[new_id] = self._row(role, recipe, x.shape[1:])
+                out[new_id] = self._row(role, recipe, x.shape[1:]).to(x.dtype)
         if self.rows_out > n:
-            out[n:] = out[:n].mean(dim=0)
-        return out.to(x.dtype)
+            out[n:] = torch.mean(out[:n], dim=0, dtype=torch.float32).to(x.dtype)
+        return out
 
     def _row(self, role: str, recipe: Recipe, shape: tuple[int, ...]) -> torch.Tensor:
         if not recipe:
