@@ -19,6 +19,7 @@ from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import ModelInfo, load_model_info
 from mergesmith.sources.reader import open_sources
 from mergesmith.sources.refs import parse_ref
+from mergesmith.tokenizer import align_vocabularies, aligned_sources, save_vocabulary
 
 log = logging.getLogger("mergesmith")
 
@@ -67,6 +68,7 @@ def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str,
     """Metadata only: resolve every model and build the plan (what `--dry-run` shows)."""
     get_method(config.merge_method)  # an unknown method fails before any model is touched
     models = load_models(config, options)
+    models = align_vocabularies(config, models)  # a tokenizer block puts every embedding on the output vocab
     return plan_merge(config, models), models
 
 
@@ -82,8 +84,9 @@ def write_weights(
     shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
     writer = ShardWriter(directory, shards)
     try:
+        sources = aligned_sources(models, open_sources(models))  # embeddings on the output vocabulary
         executor = Executor(
-            plan, open_sources(models), dtype=config.dtype, device=options.device, seed=options.random_seed or 0
+            plan, sources, dtype=config.dtype, device=options.device, seed=options.random_seed or 0
         )
         executor.run(writer.write, progress)
     except BaseException:
@@ -104,7 +107,8 @@ def write_side_files(
     """config.json, tokenizer, chat template, recipe copy and model card."""
     donor = models[plan.donor]
     model_files.write_config(directory, donor.config, plan.config_updates)
-    if options.copy_tokenizer:
+    built = save_vocabulary(directory, models, plan.donor, options.copy_tokenizer)  # a tokenizer block's output
+    if options.copy_tokenizer and not built:
         model_files.copy_tokenizer(directory, donor.directory)
         model_files.copy_generation_config(directory, donor.directory)
     if config.chat_template:

@@ -404,7 +404,8 @@ class _Planner:
                 break
         # The tie flag must match what is written: never a half-tied checkpoint.
         has_head = any(arch.is_lm_head(t.name) for t in tensors)
-        donor_has_head = any(arch.is_lm_head(n) for n in self._info(donor).tensors)
+        donor_tied = cfg.get("tie_word_embeddings") is True  # a vocab alignment lets tied models answer lm_head
+        donor_has_head = any(arch.is_lm_head(n) for n in self._info(donor).tensors) and not donor_tied
         if not has_head and cfg.get("tie_word_embeddings") is False:
             updates["tie_word_embeddings"] = True
         elif has_head and not donor_has_head:

@@ -200,3 +200,73 @@ def make_finetune(
             shutil.copyfile(f, directory / f.name)
     save_state_dict(directory, state, fmt, shards)
     return directory
+
+
+def make_vocab_variant(
+    base: str | Path,
+    directory: str | Path,
+    *,
+    seed: int,
+    added: tuple[str, ...] = (),
+    eos_token: str | None = None,
+    shuffle: bool = False,
+    new_words: tuple[str, ...] = (),
+    pad_to_multiple_of: int | None = None,
+    scale: float = 0.02,
+) -> Path:
+    """A fine-tune of `base` whose tokenizer differs, the way real fine-tunes' tokenizers do.
+
+    `added` special tokens (ChatML's `<|im_start|>`, Llama-3's `<|eot_id|>`, ...) get new rows at the
+    end of the embedding (and lm_head); `shuffle` renumbers the ordinary words (rows move with their
+    words); `new_words` replace the last ordinary words of the vocabulary (same ids, new strings); `pad_to_multiple_of` appends random rows past the tokenizer's length; `eos_token` makes
+    one of the added tokens the end-of-sequence token in the tokenizer, config.json and
+    generation_config.json. Other tensors are the base plus seeded noise.
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import models as tk_models
+    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+
+    from mergesmith.sources import arch
+
+    base, directory = Path(base), Path(directory)
+    gen = torch.Generator().manual_seed(seed)
+    raw = Tokenizer.from_file(str(base / "tokenizer.json"))
+    vocab = raw.get_vocab(with_added_tokens=True)  # word -> old id, ids 0..n-1
+    n = len(vocab)
+    order = list(range(n))  # new id -> old id
+    if shuffle:
+        order = list(range(4)) + (torch.randperm(n - 4, generator=gen) + 4).tolist()  # specials stay put
+    by_old = {i: w for w, i in vocab.items()}
+    for k, word in enumerate(new_words):
+        by_old[n - len(new_words) + k] = word
+    words = {by_old[old]: new for new, old in enumerate(order)}
+    tok = Tokenizer(tk_models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = raw.pre_tokenizer
+    tok.decoder = raw.decoder
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
+    if eos_token is not None:
+        fast.eos_token = eos_token
+    rows = n + len(added)
+    if pad_to_multiple_of:
+        rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+    state = {}
+    for name, t in load_state_dict(base).items():
+        if t.is_floating_point():
+            t = (t.float() + torch.randn(t.shape, generator=gen) * scale).to(t.dtype)
+        if arch.is_embedding(name) and t.dim() == 2 and t.shape[0] == n:
+            extra = torch.randn(rows - n, t.shape[1], generator=gen) * t.float().std()
+            t = torch.cat([t[order], extra.to(t.dtype)])
+        state[name] = t
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict(directory, state)
+    fast.save_pretrained(directory)
+    eos_id = fast.convert_tokens_to_ids(fast.eos_token)
+    config = AutoConfig.from_pretrained(base)
+    config.vocab_size = rows
+    config.eos_token_id = eos_id
+    config.save_pretrained(directory)
+    GenerationConfig(bos_token_id=1, eos_token_id=eos_id, pad_token_id=3).save_pretrained(directory)
+    return directory

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 from mergesmith.errors import MergeError
+
+log = logging.getLogger("mergesmith")
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -35,7 +38,31 @@ BUILTIN_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ '[|assistant|]' + message['content'] + '[|endofturn|]\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant'"
+        " else 'user' %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+    "vicuna": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+        "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token + ' ' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
 }
+SAMPLE = [
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "What is a merge?"},
+]
 
 
 def read_template(model_dir: Path) -> str | None:
@@ -66,11 +93,15 @@ def resolve_template(spec: str, model_dirs: list[Path]) -> str | None:
     return spec
 
 
-def apply_chat_template(directory: Path, spec: str, model_dirs: list[Path]) -> None:
-    """Write the template as chat_template.jinja (read by transformers) and drop any older copy."""
+def apply_chat_template(directory: Path, spec: str, model_dirs: list[Path]) -> str | None:
+    """Write the template as chat_template.jinja (read by transformers), drop any older copy, and
+    render one conversation with the saved tokenizer; returns that rendering (None: no tokenizer)."""
     template = resolve_template(spec, model_dirs)
     if template is None:
-        return
+        return None
+    if not (directory / "tokenizer_config.json").is_file():
+        log.warning("chat_template: no tokenizer is written (--no-copy-tokenizer), so the template is dropped")
+        return None
     (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
     cfg = directory / "tokenizer_config.json"
     if cfg.is_file():
@@ -78,3 +109,19 @@ def apply_chat_template(directory: Path, spec: str, model_dirs: list[Path]) -> N
         if data.pop("chat_template", None) is not None:
             cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (directory / "chat_template.json").unlink(missing_ok=True)
+    return render_check(directory)
+
+
+def render_check(directory: Path) -> str:
+    """Load the written tokenizer as transformers does and render a short conversation with it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory))
+        text = tok.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
+    except Exception as err:
+        why = f"{type(err).__name__}: {err}"
+        raise MergeError(f"the chat template does not render a conversation ({why})", "chat_template") from None
+    if "What is a merge?" not in text:
+        raise MergeError("the chat template renders a conversation without its messages", "chat_template")
+    return text
