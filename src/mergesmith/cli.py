@@ -142,6 +142,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         transformers_cache=opts["transformers_cache"],
         safe_serialization=opts["safe_serialization"],
         trust_remote_code=opts["trust_remote_code"],
+        lora_merge_cache=opts["lora_merge_cache"],
     )
     if opts["dry_run"]:
         plan, _ = prepare(config, options)
