@@ -115,6 +115,8 @@ def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--transformers-cache", default=None, help="Hugging Face download cache directory.")
 @click.option("--lora-merge-cache", default=None, help="Directory to keep materialised base+LoRA models.")
 @click.option("--lora-merge-dtype", default=None, help="dtype for LoRA materialisation.")
+@click.option("--as-lora", type=int, default=None, help="Write the merge as a LoRA of base_model, of this max rank.")
+@click.option("--as-lora-energy", type=float, default=None, help="As --as-lora, rank by share of sigma^2 (0-1].")
 @click.option("-j", "--num-threads", type=int, default=None, help="torch threads.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
@@ -159,6 +161,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         transformers_cache=opts["transformers_cache"],
         safe_serialization=opts["safe_serialization"],
         trust_remote_code=opts["trust_remote_code"],
+        lora_merge_cache=opts["lora_merge_cache"],
     )
     if opts["dry_run"]:
         plan, _ = prepare(config, options)
@@ -183,14 +186,28 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     from mergesmith.progress import MergeProgress
 
     with MergeProgress(disable=opts["quiet"]) as progress:
-        summary = run_merge(
-            config,
-            text,
-            out_path,
-            options,
-            progress=progress.advance if not opts["quiet"] else None,
-            on_plan=progress.start,
-        )
+        if opts["as_lora"] is not None or opts["as_lora_energy"] is not None:
+            from mergesmith.lora.output import run_merge_as_lora
+
+            summary = run_merge_as_lora(
+                config,
+                text,
+                out_path,
+                options,
+                rank=opts["as_lora"],
+                energy=opts["as_lora_energy"],
+                progress=progress.advance if not opts["quiet"] else None,
+                on_plan=progress.start,
+            )
+        else:
+            summary = run_merge(
+                config,
+                text,
+                out_path,
+                options,
+                progress=progress.advance if not opts["quiet"] else None,
+                on_plan=progress.start,
+            )
     click.echo(summary.line())
     if opts["push_to_hub"]:
         from mergesmith.hub import upload
@@ -241,7 +258,7 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi"]
+COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi", "mergesmith.lora.cli"]
 
 for _module in COMMAND_MODULES:
     __import__(_module)

@@ -35,6 +35,7 @@ class MergeOptions:
     transformers_cache: str | None = None
     safe_serialization: bool = True
     trust_remote_code: bool = False
+    lora_merge_cache: str | None = None
 
 
 @dataclass
@@ -61,7 +62,10 @@ def peak_rss_bytes() -> int:
 
 
 def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelInfo]:
-    return {ref.key: load_model_info(ref, options.transformers_cache) for ref in referenced_models(config)}
+    return {
+        ref.key: load_model_info(ref, options.transformers_cache, options.lora_merge_cache)
+        for ref in referenced_models(config)
+    }
 
 
 def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str, ModelInfo]]:

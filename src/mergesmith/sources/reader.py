@@ -20,7 +20,15 @@ class TensorSource(Protocol):
 
 def open_sources(models: dict[str, ModelInfo]) -> dict[str, TensorSource]:
     """One tensor source per model key."""
-    return {key: TensorReader(info) for key, info in models.items()}
+    return {key: open_source(info) for key, info in models.items()}
+
+
+def open_source(info: ModelInfo) -> TensorSource:
+    if "lora" in info._extra:  # base+adapter, applied as tensors are read
+        from mergesmith.lora.inputs import lora_source
+
+        return lora_source(info)
+    return TensorReader(info)
 
 
 class TensorReader:
