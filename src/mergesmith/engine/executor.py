@@ -149,9 +149,11 @@ class Executor:
     def _load(self, slot: int, raw: torch.Tensor) -> torch.Tensor:
         """`raw` (a view of the file) as float32 in scratch buffer `slot`, rounded through `dtype`."""
         if self.dtype is not None and raw.dtype != self.dtype:
-            raw = raw.to(self.dtype)
+            mapped, raw = raw, raw.to(self.dtype)
+            self.files.release(mapped)
         buf = self.buffers.get(slot, tuple(raw.shape), torch.float32)
         buf.copy_(raw)
+        self.files.release(raw)
         return buf
 
     def compute(self, t: OutputTensor) -> torch.Tensor:

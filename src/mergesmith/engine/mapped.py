@@ -10,6 +10,7 @@ own reusable float32 buffer, chunk by chunk. Sources that are not plain safetens
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from mergesmith.sources.reader import TensorReader, TensorSource
 
+PAGE = mmap.PAGESIZE
 _ITEM = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
 
 
@@ -39,6 +41,24 @@ class MappedFiles:
             except (OSError, ValueError, struct.error):
                 self._files[path] = None
         return self._files[path]
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the mapped pages under `t` from this process (the page cache keeps them), so reading
+        a whole model through the map does not pile up in the resident set."""
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        for opened in self._files.values():
+            if opened is None:
+                continue
+            mm = opened[0]
+            base = mm.ctypes.data
+            if base <= start < base + mm.nbytes:
+                lo = (start - base) // PAGE * PAGE
+                hi = min(-(-(end - base) // PAGE) * PAGE, mm.nbytes)
+                raw = getattr(mm, "_mmap", None)
+                if raw is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+                    raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                return
 
     def view(self, source: TensorSource, name: str) -> torch.Tensor | None:
         if not isinstance(source, TensorReader) or source.info.format != "safetensors":
