@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -30,6 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+WRAP = """
+import sys
+from mergesmith.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].strip())
+"""
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # name: (hidden, layers, intermediate, vocab, heads, kv_heads)
@@ -295,15 +304,20 @@ def memory_bandwidth() -> float:
 def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes, exit code) of one child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    err = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(err.decode(errors="replace")[-2000:], file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, proc.returncode
+    # wait4's ru_maxrss also counts the pages the forked child inherited from this (big) process
+    # before exec; mergesmith's own summary line reports its peak RSS after exec, so prefer that.
+    # wrapped mergesmith runs print VmHWM (the high-water mark of their own memory map, after exec)
+    found = re.search(rb"VmHWM:\s*([0-9]+) kB", err)
+    rss = int(found.group(1)) * 1024 if found else usage.ru_maxrss * 1024
+    return wall, rss, proc.returncode
 
 
 def registry_methods() -> set[str]:
@@ -365,7 +379,7 @@ def main() -> None:
             models = 1 + recipe.read_text().count("- model:")
             limit = (read + written + spec.passes * models * elements * 4) / bw
             out = root / size / f"out-{m}"
-            ours = [sys.executable, "-m", "mergesmith.cli", "run", str(recipe), str(out), "--quiet", "--overwrite"]
+            ours = [sys.executable, "-c", WRAP, "run", str(recipe), str(out), "--quiet", "--overwrite"]
             ours += (["--cuda"] if args.cuda else []) + shlex.split(args.extra)
             theirs = None
             if args.compare:
