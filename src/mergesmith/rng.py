@@ -9,6 +9,7 @@ same mask is drawn whether the maths runs on the CPU or a GPU.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -44,6 +45,21 @@ class TensorRNG:
         stream: int,
         device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor)."""
-        u = self.uniform(shape, stream, device)
-        return u < p
+        """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor).
+
+        For a float `p` the draws are compared as integers: uniform() returns (u >> 8) * 2**-24 for
+        the generator's raw 32-bit words u, so `uniform < p` is `u < ceil(p * 2**24) << 8` with p
+        rounded to float32: the same mask, without the float conversion pass.
+        """
+        if isinstance(p, torch.Tensor):
+            return self.uniform(shape, stream, device) < p
+        n = 1
+        for s in shape:
+            n *= s
+        cut = math.ceil(float(np.float32(p)) * 2**24)
+        if cut <= 0 or cut >= 2**24:
+            out = torch.full(tuple(shape), cut > 0, dtype=torch.bool)
+        else:
+            words = self._generator(stream).bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+            out = torch.from_numpy(words < np.uint32(cut << 8)).view(tuple(shape))
+        return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)

@@ -1,21 +1,30 @@
-"""Executing a plan: stream one output tensor at a time through its merge method.
+"""Executing a plan: stream output tensors through their merge methods, in bounded memory.
 
-Inputs are read from memory-mapped files, cast to the recipe's `dtype` (if any), then to float32
-for the arithmetic; the result is cast once to the output dtype and handed to the writer, which
-puts it straight into its shard. Memory holds one tensor's inputs and result at a time.
+Inputs are zero-copy views of the memory-mapped files (`engine.mapped`). Each is converted (cast
+to the recipe's `dtype`, if any, then to float32) into a reusable buffer, the method runs on those
+buffers in place, and the result is cast into a reusable output buffer that a writer thread puts
+straight into its shard while the next tensor is computed. Methods that work element by element
+(`ELEMENTWISE`) run on row chunks of at most `CHUNK_ELEMENTS` values, so memory holds a few chunks
+whatever the model size; the others get whole tensors. See docs/performance.md.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
 
+from mergesmith.engine.mapped import MappedFiles, read_views
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor, Plan
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorSource
+
+#: Float values per chunk of an element-wise merge (16 MiB of float32 per input).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -34,6 +43,76 @@ def fit_shape(x: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor | No
     return out
 
 
+def elementwise(t: OutputTensor) -> bool:
+    """True when output element j depends only on input elements j (so row chunks merge alike)."""
+    if t.method in ("linear", "passthrough"):
+        return True
+    if t.method == "task_arithmetic":
+        return all(d >= 1 for d in t.per_model.get("density", (1.0,)))
+    return False
+
+
+class Buffers:
+    """Growable scratch tensors, one per slot, reused from tensor to tensor (no page faults)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._store: dict[object, torch.Tensor] = {}
+
+    def get(self, slot: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = max(n * torch.empty((), dtype=dtype).element_size(), 1)
+        buf = self._store.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            self._store.pop(slot, None)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._store[slot] = buf
+        return buf[:nbytes].view(dtype)[:n].view(shape)
+
+
+class _Writer:
+    """A thread that writes finished chunks while the next ones are computed. Output buffers come
+    from a small ring; a slot is reused only once its bytes are in the file."""
+
+    SLOTS = 3
+
+    def __init__(self, write_at: Callable[[str, int, torch.Tensor], None]) -> None:
+        self.write_at = write_at
+        self.free: queue.Queue[Buffers] = queue.Queue()
+        for _ in range(self.SLOTS):
+            self.free.put(Buffers(torch.device("cpu")))
+        self.jobs: queue.Queue[tuple[str, int, torch.Tensor, Buffers] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="mergesmith-writer")
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            name, offset, tensor, slot = job
+            try:
+                if self.error is None:
+                    self.write_at(name, offset, tensor)
+            except BaseException as err:  # re-raised in the computing thread
+                self.error = err
+            self.free.put(slot)
+
+    def slot(self) -> Buffers:
+        if self.error is not None:
+            raise self.error
+        return self.free.get()
+
+    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers) -> None:
+        self.jobs.put((name, offset, tensor, slot))
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Executor:
     def __init__(
         self,
@@ -49,36 +128,111 @@ class Executor:
         self.dtype = torch_dtype(dtype) if dtype else None
         self.device = torch.device(device)
         self.seed = seed
+        self.files = MappedFiles()
+        self.buffers = Buffers(self.device)
 
-    def compute(self, t: OutputTensor) -> torch.Tensor:
-        raw = [self.readers[x.model].get(x.name) for x in t.inputs]
-        if self.dtype is not None and raw[0].is_floating_point():
-            raw = [r.to(self.dtype) for r in raw]
-        base_raw = raw[t.base] if t.base is not None else None
-        if base_raw is not None:
-            base_raw = fit_shape(base_raw, t.shape, None)
-        raw = [fit_shape(r, t.shape, base_raw) for r in raw]
-        out_dtype = torch_dtype(t.dtype)
-        if not raw[0].is_floating_point():
-            return raw[t.base if t.base is not None else 0].to(out_dtype)
-        xs = [r.to(self.device, torch.float32, copy=True) for r in raw]
+    # -- the maths of one (chunk of a) tensor ------------------------------------------------
+
+    def _apply(self, t: OutputTensor, xs: list[torch.Tensor]) -> torch.Tensor:
         base = xs[t.base] if t.base is not None else None
         others = [x for i, x in enumerate(xs) if i != t.base]
         method = get_method(t.method)
         params = {**t.params, **{k: list(v) for k, v in t.per_model.items()}}
         try:
             rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
-            result = method(others, base, params, rng=rng)
+            return method(others, base, params, rng=rng)
         except MergeError as err:
             raise MergeError(err.message, err.where or f"tensor {t.name}") from None
         except (ValueError, RuntimeError) as err:
             raise MergeError(f"{t.method} failed: {err}", f"tensor {t.name}") from None
-        return result.to("cpu", out_dtype)
+
+    def _load(self, slot: int, raw: torch.Tensor) -> torch.Tensor:
+        """`raw` (a view of the file) as float32 in scratch buffer `slot`, rounded through `dtype`."""
+        if self.dtype is not None and raw.dtype != self.dtype:
+            mapped, raw = raw, raw.to(self.dtype)
+            self.files.release(mapped)
+        buf = self.buffers.get(slot, tuple(raw.shape), torch.float32)
+        buf.copy_(raw)
+        self.files.release(raw)
+        return buf
+
+    def compute(self, t: OutputTensor) -> torch.Tensor:
+        """The whole output tensor, freshly allocated (for callers that keep it)."""
+        out_dtype = torch_dtype(t.dtype)
+        out = torch.empty(t.shape, dtype=out_dtype)
+        flat = out.view(-1)
+        scratch = Buffers(torch.device("cpu"))
+        for offset, part in self._parts(t, lambda shape: scratch.get("out", shape, out_dtype)):
+            start = offset // out.element_size()
+            flat[start : start + part.numel()].copy_(part.reshape(-1))
+        return out
+
+    def _parts(self, t: OutputTensor, target: Callable[[tuple[int, ...]], torch.Tensor]):
+        """Yield (byte offset, output chunk) for `t`; chunks are cast into `target(shape)` buffers."""
+        raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+        out_dtype = torch_dtype(t.dtype)
+        if not raw[0].is_floating_point():
+            src = raw[t.base if t.base is not None else 0]
+            if self.dtype is not None and src.dtype != self.dtype and src.is_floating_point():
+                src = src.to(self.dtype)
+            dest = target(tuple(src.shape))
+            dest.copy_(src)
+            yield 0, dest
+            return
+        if any(tuple(r.shape) != t.shape for r in raw):  # vocabulary mismatch: whole tensors
+            if self.dtype is not None:
+                raw = [r.to(self.dtype) for r in raw]
+            base_raw = fit_shape(raw[t.base], t.shape, None) if t.base is not None else None
+            raw = [fit_shape(r, t.shape, base_raw) for r in raw]
+            rows = t.shape[0] if t.shape else 1
+            step = rows
+        else:
+            rows = t.shape[0] if t.shape else 1
+            per_row = max(_numel(t.shape[1:]), 1)
+            step = max(1, CHUNK_ELEMENTS // per_row) if elementwise(t) and t.shape else rows
+        item = torch.empty((), dtype=out_dtype).element_size()
+        per_row_bytes = _numel(t.shape[1:]) * item if t.shape else item
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            xs = [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)]
+            result = self._apply(t, xs)
+            dest = target(tuple(result.shape))
+            dest.copy_(result)
+            yield r0 * per_row_bytes, dest
+
+    # -- the stream ------------------------------------------------------------------------
 
     def run(
         self, write: Callable[[str, torch.Tensor], None], progress: Callable[[OutputTensor], None] | None = None
     ) -> None:
-        for t in self.plan.tensors:
-            write(t.name, self.compute(t))
-            if progress is not None:
-                progress(t)
+        owner = getattr(write, "__self__", None)
+        write_at = getattr(owner, "write_at", None)
+        if write_at is None:  # a plain callback keeps what it is given: fresh tensors
+            for t in self.plan.tensors:
+                write(t.name, self.compute(t))
+                if progress is not None:
+                    progress(t)
+            return
+        writer = _Writer(write_at)
+        try:
+            for t in self.plan.tensors:
+                out_dtype = torch_dtype(t.dtype)
+                slot: list[Buffers] = []
+
+                def target(shape: tuple[int, ...], slot: list[Buffers] = slot, dt: torch.dtype = out_dtype) -> torch.Tensor:
+                    slot.append(writer.slot())
+                    return slot[-1].get(0, shape, dt)
+
+                for offset, part in self._parts(t, target):
+                    writer.put(t.name, offset, part, slot[-1])
+                if progress is not None:
+                    progress(t)
+        finally:
+            writer.finish()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -12,6 +12,42 @@ import torch
 from mergesmith.errors import MergeError
 from mergesmith.rng import TensorRNG
 
+#: Below this many values a plain `kthvalue` is as fast as anything.
+SMALL = 1 << 20
+
+
+def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
+    """The exact r-th smallest value (1-based) of a 1-D tensor, in O(n).
+
+    A fixed strided sample of ~64K values brackets the answer between two of its order statistics
+    (lo, hi); one counting pass gives how many values lie below lo, the few in [lo, hi] are
+    gathered and `kthvalue` runs on those only. The result is checked to be bracketed; if the
+    sample was unlucky (or values are NaN) it falls back to a full `kthvalue`. Deterministic.
+    """
+    n = flat.numel()
+    if n <= SMALL:
+        return torch.kthvalue(flat, r).values
+    stride = n // 65536
+    sample = torch.sort(flat[::stride]).values
+    m = sample.numel()
+    q = r / n * m
+    slack = 4.0 * m**0.5 + 2
+    lo_i, hi_i = int(q - slack), int(q + slack)
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < m else None
+    below = int((flat < lo).sum()) if lo is not None else 0
+    if lo is not None and hi is not None:
+        candidates = flat[(flat >= lo) & (flat <= hi)]
+    elif lo is not None:
+        candidates = flat[flat >= lo]
+    elif hi is not None:
+        candidates = flat[flat <= hi]
+    else:
+        candidates = flat
+    if below < r <= below + candidates.numel():
+        return torch.kthvalue(candidates, r - below).values
+    return torch.kthvalue(flat, r).values
+
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the `k` largest entries of `values` (any shape); ties go to the lowest flat index."""
@@ -21,12 +57,12 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = kth_smallest(flat, n - k + 1)
     mask = flat > threshold
     missing = k - int(mask.sum())
     if missing > 0:
-        equal = flat == threshold
-        mask |= equal & (torch.cumsum(equal, 0) <= missing)
+        first = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+        mask[first] = True
     return mask.view(values.shape)
 
 

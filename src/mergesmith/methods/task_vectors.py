@@ -40,14 +40,16 @@ def merge_task_vectors(
         if sparsify is not None:
             d = sparsify(d, i)
         deltas.append(d.mul_(weights[i]))
-    if consensus:
-        elected = sign_consensus(deltas)
-        combined = torch.zeros_like(base)
+    if consensus:  # in place: the deltas become their agreeing parts, two scratch tensors in all
+        positive = sign_consensus(deltas) > 0
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
-            agree = torch.sign(d) == elected
-            combined.add_(d * agree)
-            divisor.add_(agree.to(base.dtype) * w)
+            agree = torch.where(positive, d > 0, d < 0)  # sign(d) == elected; d == 0 never agrees
+            d.mul_(agree)
+            divisor.add_(agree.to(base.dtype), alpha=w)
+        combined = torch.zeros_like(base)
+        for d in deltas:
+            combined.add_(d)
         divisor[divisor == 0] = 1.0
     else:
         combined = deltas[0]

@@ -115,6 +115,18 @@ class ShardWriter:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._pwrite(self._fds[i], data, slot.start, self.shards[i].file)
 
+    def write_at(self, name: str, offset: int, part: torch.Tensor) -> None:
+        """Write `part`, a piece of tensor `name` starting `offset` bytes into it (chunked output)."""
+        i, slot = self._where[name]
+        data = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if str(part.dtype).removeprefix("torch.") != slot.dtype or slot.start + offset + data.nbytes > slot.end:
+            raise MergeError(
+                f"internal error: chunk of {data.nbytes} bytes {part.dtype} at {offset} does not fit the planned"
+                f" {list(slot.shape)} {slot.dtype}",
+                f"tensor {name}",
+            )
+        self._pwrite(self._fds[i], data, slot.start + offset, self.shards[i].file)
+
     def close(self) -> list[str]:
         """Flush, close and give the shards their final names. Returns the file names."""
         for fd in self._fds:

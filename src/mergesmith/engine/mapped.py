@@ -1,0 +1,98 @@
+"""Zero-copy reads: tensors as views of memory-mapped safetensors files.
+
+`safe_open(...).get_tensor` copies every tensor into a fresh allocation (page faults on every
+byte). Here each file is mapped once (numpy memmap, read-only) and a tensor is a view at the
+offsets its header gives, so reading costs nothing until the engine converts the values into its
+own reusable float32 buffer, chunk by chunk. Sources that are not plain safetensors readers (a
+`.bin`, a LoRA view, ...) fall back to their `get()`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergesmith.sources.reader import TensorReader, TensorSource
+
+PAGE = mmap.PAGESIZE
+_ITEM = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
+
+
+class MappedFiles:
+    """Maps each safetensors file once; `view(source, name)` or None when it cannot map."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[np.memmap, int, dict] | None] = {}
+
+    def _open(self, path: Path) -> tuple[np.memmap, int, dict] | None:
+        if path not in self._files:
+            try:
+                with path.open("rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(n))
+                mm = np.memmap(path, dtype=np.uint8, mode="r")
+                self._files[path] = (mm, 8 + n, header)
+            except (OSError, ValueError, struct.error):
+                self._files[path] = None
+        return self._files[path]
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the mapped pages under `t` from this process (the page cache keeps them), so reading
+        a whole model through the map does not pile up in the resident set."""
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        for opened in self._files.values():
+            if opened is None:
+                continue
+            mm = opened[0]
+            base = mm.ctypes.data
+            if base <= start < base + mm.nbytes:
+                lo = (start - base) // PAGE * PAGE
+                hi = min(-(-(end - base) // PAGE) * PAGE, mm.nbytes)
+                raw = getattr(mm, "_mmap", None)
+                if raw is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+                    raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                return
+
+    def view(self, source: TensorSource, name: str) -> torch.Tensor | None:
+        if not isinstance(source, TensorReader) or source.info.format != "safetensors":
+            return None
+        meta = source.info.tensors.get(name)
+        if meta is None:
+            return None
+        opened = self._open(source.info.directory / meta.file)
+        if opened is None:
+            return None
+        mm, start, header = opened
+        info = header.get(name)
+        if info is None or info.get("dtype") not in _ITEM:
+            return None
+        np_dtype, torch_dtype = _ITEM[info["dtype"]]
+        a, b = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        if (start + a) % np.dtype(np_dtype).itemsize or b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(
+            np_dtype
+        ).itemsize:
+            return None
+        arr = mm[start + a : start + b].view(np_dtype).reshape(shape)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory: we never write through these views
+            t = torch.from_numpy(arr)
+        return t.view(torch_dtype) if torch_dtype is torch.bfloat16 else t
+
+
+def read_views(files: MappedFiles, readers: Mapping[str, TensorSource], refs: list[tuple[str, str]]) -> list:
+    """A view (or a loaded tensor, as fallback) for each (model key, tensor name)."""
+    out = []
+    for model, name in refs:
+        v = files.view(readers[model], name)
+        out.append(v if v is not None else readers[model].get(name))
+    return out
