@@ -101,6 +101,8 @@ def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--lora-merge-dtype", default=None, help="dtype for LoRA materialisation.")
 @click.option("-j", "--num-threads", type=int, default=None, help="torch threads.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--resume", is_flag=True, help="Reuse the finished shards of an interrupted run of the same merge.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
@@ -142,6 +144,8 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         transformers_cache=opts["transformers_cache"],
         safe_serialization=opts["safe_serialization"],
         trust_remote_code=opts["trust_remote_code"],
+        resume=opts["resume"],
+        allow_nonfinite=opts["allow_nonfinite"],
     )
     if opts["dry_run"]:
         plan, _ = prepare(config, options)
@@ -171,6 +175,8 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
             on_plan=progress.start,
         )
     click.echo(summary.line())
+    for note in summary.notes:
+        click.echo(note)
 
 
 @main.command()
