@@ -115,10 +115,14 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     Example:
       mergesmith run recipe.yml ./merged --cuda --out-shard-size 2B
     """
-    from mergesmith.merge import MergeOptions, prepare, run_merge
+    from mergesmith.merge import MergeOptions, run_merge
     from mergesmith.recipe.schema import load_config
 
     setup_logging(opts["verbose"], opts["quiet"])
+    if opts["dry_run"]:
+        from mergesmith.reliability.cli import dry_run
+
+        return dry_run(config_file, opts)
     if opts["num_threads"]:
         import torch
 
@@ -147,20 +151,6 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         resume=opts["resume"],
         allow_nonfinite=opts["allow_nonfinite"],
     )
-    if opts["dry_run"]:
-        plan, _ = prepare(config, options)
-        for w in plan.warnings:
-            log.warning(w)
-        if opts["verbose"] >= 2:
-            for line in plan.describe():
-                click.echo(line)
-        gb = 1e9
-        click.echo(
-            f"plan: {plan.method}, {len(plan.tensors)} output tensors, read {plan.bytes_read / gb:.3f} GB,"
-            f" write {plan.bytes_written / gb:.3f} GB; config.json from {plan.donor}"
-            + (f", updates {plan.config_updates}" if plan.config_updates else "")
-        )
-        return
     if out_path is None:
         raise click.UsageError("OUT_PATH is required unless --dry-run is given")
     from mergesmith.progress import MergeProgress
@@ -222,10 +212,14 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["mergesmith.reliability.cli"]
 
 for _module in COMMAND_MODULES:
     __import__(_module)
 
 if __name__ == "__main__":
-    main()
+    # `python -m mergesmith.cli`: feature modules registered their commands on the importable
+    # `mergesmith.cli.main`, not on this `__main__` copy, so run that one.
+    from mergesmith.cli import main as registered_main
+
+    registered_main()
