@@ -58,3 +58,29 @@ def dry_run(config_file: str, opts: dict[str, Any]) -> None:
     )
     if code:
         sys.exit(code)
+
+
+@main.command()
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--load", is_flag=True, help="Also load it with transformers and run a forward pass.")
+@user_errors
+def verify(out_path: str, load: bool) -> None:
+    """Re-check a merged model directory: index vs files, headers, NaN/Inf, config.json vs tensors.
+
+    \b
+    Example:
+      mergesmith verify ./merged --load
+    """
+    from pathlib import Path
+
+    from mergesmith.reliability.verify import load_and_run, verify_directory
+
+    problems, tensors = verify_directory(Path(out_path))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {out_path}:", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+    click.echo(f"ok: {len(tensors)} tensors, index and headers consistent, all finite, config.json matches")
+    if load:
+        click.echo(load_and_run(Path(out_path)))
