@@ -8,6 +8,7 @@ opened through the weights-only loader, which is the only way to learn its tenso
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,13 @@ class Problem:
     suggestion: str
 
     def line(self) -> str:
-        return f"{self.where}: {self.message} -> {self.suggestion}"
+        """One printable line (multi-line YAML errors are joined; odd characters in keys escaped)."""
+        return f"{one_line(self.where)}: {one_line(self.message)} -> {self.suggestion}"
+
+
+def one_line(text: str) -> str:
+    text = re.sub(r"\s*\n\s*", " ", text.strip())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "''"
 
 
 @dataclass
