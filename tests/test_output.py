@@ -69,7 +69,7 @@ def test_single_shard_and_side_files(models, tmp_path):
 def test_no_tokenizer_no_card(models, tmp_path):
     merge(linear_recipe(models, "ft1", "ft2"), tmp_path / "out", "--no-copy-tokenizer", "--no-write-model-card")
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert names == {"model.safetensors", "config.json", "mergesmith_config.yml"}
+    assert names == {"model.safetensors", "config.json", "mergesmith_config.yml", "merge_report.json"}
 
 
 def file_hashes(directory):

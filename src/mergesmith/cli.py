@@ -119,6 +119,8 @@ def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--as-lora-energy", type=float, default=None, help="As --as-lora, rank by share of sigma^2 (0-1].")
 @click.option("-j", "--num-threads", type=int, default=None, help="torch threads.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--resume", is_flag=True, help="Reuse the finished shards of an interrupted run of the same merge.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
@@ -132,10 +134,14 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     Example:
       mergesmith run recipe.yml ./merged --cuda --out-shard-size 2B
     """
-    from mergesmith.merge import MergeOptions, prepare, run_merge
+    from mergesmith.merge import MergeOptions, run_merge
     from mergesmith.recipe.schema import load_config
 
     setup_logging(opts["verbose"])
+    if opts["dry_run"]:
+        from mergesmith.reliability.cli import dry_run
+
+        return dry_run(config_file, opts)
     if opts["num_threads"]:
         import torch
 
@@ -162,21 +168,9 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         safe_serialization=opts["safe_serialization"],
         trust_remote_code=opts["trust_remote_code"],
         lora_merge_cache=opts["lora_merge_cache"],
+        resume=opts["resume"],
+        allow_nonfinite=opts["allow_nonfinite"],
     )
-    if opts["dry_run"]:
-        plan, _ = prepare(config, options)
-        for w in plan.warnings:
-            log.warning(w)
-        if opts["verbose"] >= 2:
-            for line in plan.describe():
-                click.echo(line)
-        gb = 1e9
-        click.echo(
-            f"plan: {plan.method}, {len(plan.tensors)} output tensors, read {plan.bytes_read / gb:.3f} GB,"
-            f" write {plan.bytes_written / gb:.3f} GB; config.json from {plan.donor}"
-            + (f", updates {plan.config_updates}" if plan.config_updates else "")
-        )
-        return
     if out_path is None:
         raise click.UsageError("OUT_PATH is required unless --dry-run is given")
     if opts["push_to_hub"]:
@@ -209,6 +203,8 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
                 on_plan=progress.start,
             )
     click.echo(summary.line())
+    for note in summary.notes:
+        click.echo(note)
     if opts["push_to_hub"]:
         from mergesmith.hub import upload
 
@@ -258,7 +254,7 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi", "mergesmith.lora.cli"]
+COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi", "mergesmith.lora.cli", "mergesmith.reliability.cli"]
 
 for _module in COMMAND_MODULES:
     __import__(_module)

@@ -12,10 +12,11 @@ from pathlib import Path
 from mergesmith.engine.executor import Executor
 from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
-from mergesmith.output.shards import ShardWriter, layout_shards
+from mergesmith.output.shards import ShardWriter
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
 from mergesmith.recipe.schema import MergeConfig
+from mergesmith.reliability.audit import Audit, finish_report, open_audit
 from mergesmith.sources.model import ModelInfo, load_model_info
 from mergesmith.sources.reader import open_sources
 from mergesmith.sources.refs import parse_ref
@@ -36,6 +37,8 @@ class MergeOptions:
     safe_serialization: bool = True
     trust_remote_code: bool = False
     lora_merge_cache: str | None = None
+    resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
+    allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
 
 
 @dataclass
@@ -47,6 +50,7 @@ class MergeSummary:
     bytes_written: int
     peak_rss: int
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the audit summary, shown after `line()`
 
     def line(self) -> str:
         gb = 1e9
@@ -83,20 +87,29 @@ def write_weights(
     config: MergeConfig,
     options: MergeOptions,
     progress: Callable[[OutputTensor], None] | None = None,
+    audit: Audit | None = None,
 ) -> list[str]:
-    """Stream every planned tensor through its method into the shards; returns the shard names."""
-    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
-    writer = ShardWriter(directory, shards)
+    """Stream every planned tensor through its method into the shards; returns the shard names.
+
+    The audit checks each tensor before the writer gets it and skips the shards a resumed run reuses."""
+    audit = audit or open_audit(directory, plan, models, options)
+    writer = ShardWriter(directory, audit.journal.pending)
     try:
         sources = aligned_sources(models, open_sources(models))  # embeddings on the output vocabulary
         executor = Executor(
-            plan, sources, dtype=config.dtype, device=options.device, seed=options.random_seed or 0
+            audit.journal.pending_plan(plan),
+            sources,
+            dtype=config.dtype,
+            device=options.device,
+            seed=options.random_seed or 0,
         )
-        executor.run(writer.write, progress)
+        executor.run(audit.wrap(writer.write), progress)
     except BaseException:
         writer.abort()
         raise
-    return writer.close()
+    files = audit.journal.finish(writer.close())
+    audit.check_reused(directory)
+    return files
 
 
 def write_side_files(
@@ -148,13 +161,23 @@ def run_merge(
         on_plan(plan)
     if not options.safe_serialization:
         log.warning("--no-safe-serialization: writing safetensors anyway (pickled .bin output is unsafe to share)")
-    directory = staged.begin()
+    directory = staged.begin(keep=options.resume)
+    audit = None
     try:
-        files = write_weights(plan, models, directory, config, options, progress)
+        audit = open_audit(directory, plan, models, options)
+        files = write_weights(plan, models, directory, config, options, progress, audit)
         write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
+        notes = finish_report(directory, plan, models, audit, options.random_seed or 0)
+        audit.journal.remove()
         staged.commit()
-    except BaseException:
-        staged.discard()
+    except BaseException as err:
+        if audit is not None and (audit.write_failed or not isinstance(err, Exception)) and audit.journal.done:
+            log.warning(
+                "the finished shards are kept in %s: run the same command with --resume to reuse them, or delete it",
+                staged.staging,
+            )
+        else:
+            staged.discard()
         raise
     return MergeSummary(
         out=staged.out,
@@ -164,4 +187,5 @@ def run_merge(
         bytes_written=plan.bytes_written,
         peak_rss=peak_rss_bytes(),
         warnings=plan.warnings,
+        notes=notes,
     )

@@ -26,12 +26,13 @@ class StagedOutput:
                     "output directory exists and is not empty; pass --overwrite to replace it", str(self.out)
                 )
 
-    def begin(self) -> Path:
+    def begin(self, keep: bool = False) -> Path:
+        """Create the staging directory; `keep` (for --resume) keeps one left by an interrupted run."""
         self.check()
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists():
+        if self.staging.exists() and not keep:
             shutil.rmtree(self.staging)
-        self.staging.mkdir()
+        self.staging.mkdir(exist_ok=keep)
         return self.staging
 
     def commit(self) -> None:

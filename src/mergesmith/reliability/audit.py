@@ -1,0 +1,207 @@
+"""The audit of a merge: every output tensor checked for NaN/Inf as it is written, every input
+tensor accounted for, config.json checked against the weights; written to merge_report.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mergesmith.errors import MergeError
+from mergesmith.output.report import update_report
+from mergesmith.output.shards import Shard, layout_shards
+from mergesmith.plan import Plan
+from mergesmith.reliability.checks import config_problems, nonfinite_count
+from mergesmith.reliability.resume import ShardJournal, fingerprint
+from mergesmith.sources import arch
+from mergesmith.sources.model import ModelInfo
+
+Write = Callable[[str, torch.Tensor], None]
+
+
+@dataclass
+class Audit:
+    """Wraps the writer's `write(name, tensor)`: checks finiteness, then forwards; tells the journal
+    when a shard's last tensor is written. Safe to call from several threads."""
+
+    journal: ShardJournal
+    allow_nonfinite: bool = False
+    forward: Write | None = None  # the writer's write, set by `wrap`
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    checked: int = 0
+    write_failed: bool = False  # the writer itself failed (disk full...): the staging dir is worth resuming
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shard_of: dict[str, Shard] = {slot.name: s for s in self.journal.pending for slot in s.slots}
+        self._left = {s.file: len(s.slots) for s in self.journal.pending}
+        self._bytes_left = {slot.name: slot.end - slot.start for s in self.journal.pending for slot in s.slots}
+        self._bytes_total = dict(self._bytes_left)
+
+    def wrap(self, forward: Write) -> Write:
+        """Audit `forward` (a ShardWriter's `write`); the executor also finds `write_at` for chunks."""
+        self.forward = forward
+        return self.write
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.check(name, tensor)
+        assert self.forward is not None
+        try:
+            self.forward(name, tensor)
+        except BaseException:
+            self.write_failed = True
+            raise
+        self._tensor_written(name)
+
+    def write_at(self, name: str, offset: int, part: torch.Tensor) -> None:
+        """A chunk of tensor `name` (the executor writes large tensors in row chunks)."""
+        self._scan(name, part)
+        forward_at = self.forward.__self__.write_at  # type: ignore[union-attr]
+        try:
+            forward_at(name, offset, part)
+        except BaseException:
+            self.write_failed = True
+            raise
+        with self._lock:
+            self._bytes_left[name] -= part.numel() * part.element_size()
+            done = self._bytes_left[name] == 0
+        if done:
+            with self._lock:
+                self.checked += 1
+            self._tensor_written(name)
+
+    def _tensor_written(self, name: str) -> None:
+        shard = self._shard_of.get(name)
+        with self._lock:
+            if shard is None:
+                return
+            self._left[shard.file] -= 1
+            finished = self._left[shard.file] == 0
+        if finished:
+            self.journal.shard_written(shard)
+
+    def check(self, name: str, tensor: torch.Tensor) -> None:
+        self._scan(name, tensor)
+        with self._lock:
+            self.checked += 1
+
+    def _scan(self, name: str, values: torch.Tensor) -> None:
+        bad = nonfinite_count(values)
+        if not bad:
+            return
+        with self._lock:
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + bad
+        if not self.allow_nonfinite:
+            total = self._bytes_total.get(name, values.numel() * values.element_size()) // values.element_size()
+            raise MergeError(
+                f"{bad} of {total} values are NaN or Inf in the merged tensor; check the method's parameters"
+                " (weights summing to ~0, extreme lambda) or pass --allow-nonfinite to keep them",
+                f"tensor {name}",
+            )
+
+    def check_reused(self, directory: Path) -> None:
+        """Shards taken from an interrupted run are scanned from disk, so the audit covers them too."""
+        for shard in self.journal.reused:
+            path = directory / shard.file
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for slot in shard.slots:
+                    self.check(slot.name, f.get_tensor(slot.name))
+
+
+def open_audit(directory: Path, plan: Plan, models: dict[str, ModelInfo], options: Any) -> Audit:
+    """Lay out the shards, read (with `options.resume`) or start the journal, and audit what is written."""
+    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
+    seed = options.random_seed or 0
+    journal = ShardJournal(directory, shards, fingerprint(plan, shards, models, seed, options.device), options.resume)
+    return Audit(journal, options.allow_nonfinite)
+
+
+def account_inputs(plan: Plan, models: dict[str, ModelInfo]) -> dict[str, Any]:
+    """For each input model: how many of its tensors were merged or copied, and each dropped one with why."""
+    use: dict[tuple[str, str], str] = {}
+    taken_from: dict[str, set[str]] = {}
+    for t in plan.tensors:
+        how = "merged" if len(t.inputs) > 1 else "copied"
+        for x in t.inputs:
+            if use.get((x.model, x.name)) != "merged":
+                use[(x.model, x.name)] = how
+            taken_from.setdefault(x.name, set()).add(x.model)
+    layers_used: dict[str, set[int]] = {}
+    for key, name in use:
+        p = arch.parse_layer_name(name)
+        if p is not None:
+            layers_used.setdefault(key, set()).add(p.index)
+    out_names = {t.name for t in plan.tensors}
+    report: dict[str, Any] = {}
+    for key, info in sorted(models.items()):
+        counts = {"merged": 0, "copied": 0}
+        dropped: dict[str, str] = {}
+        for name in info.tensors:
+            how = use.get((key, name))
+            if how is not None:
+                counts[how] += 1
+            else:
+                dropped[name] = _drop_reason(name, key, layers_used.get(key, set()), out_names, taken_from)
+        report[key] = {**counts, "dropped": dropped}
+    return report
+
+
+def _drop_reason(name: str, key: str, layers: set[int], out_names: set[str], taken_from: dict[str, set[str]]) -> str:
+    p = arch.parse_layer_name(name)
+    if p is not None and p.index not in layers:
+        return f"layer {p.index} is outside the layer ranges taken from this model"
+    if p is None and name in out_names:
+        others = ", ".join(sorted(taken_from.get(name, set()) - {key})) or "another model"
+        return f"non-layer tensor; the output takes it from {others}"
+    if arch.is_lm_head(name) and not any(arch.is_lm_head(n) for n in out_names):
+        return "the output ties lm_head to the embeddings"
+    return "no output tensor uses it (the method or the other models do not have it)"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("mergesmith", "torch", "safetensors", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def finish_report(directory: Path, plan: Plan, models: dict[str, ModelInfo], audit: Audit, seed: int) -> list[str]:
+    """Write the audit into merge_report.json; returns the lines to show on screen."""
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    problems = config_problems(config, {t.name: t.shape for t in plan.tensors})
+    inputs = account_inputs(plan, models)
+    update_report(
+        directory,
+        "audit",
+        {
+            "output_tensors": len(plan.tensors),
+            "checked_finite": audit.checked,
+            "nonfinite": dict(sorted(audit.nonfinite.items())),
+            "config_problems": problems,
+        },
+    )
+    update_report(directory, "inputs", inputs)
+    update_report(directory, "seed", seed)
+    update_report(directory, "versions", versions())
+    merged = sum(v["merged"] for v in inputs.values())
+    copied = sum(v["copied"] for v in inputs.values())
+    dropped = sum(len(v["dropped"]) for v in inputs.values())
+    finite = "all finite" if not audit.nonfinite else f"{len(audit.nonfinite)} with NaN/Inf (--allow-nonfinite)"
+    lines = [
+        f"audit: {audit.checked} output tensors checked, {finite}; input tensors: {merged} merged, {copied} copied,"
+        f" {dropped} dropped; details in merge_report.json"
+    ]
+    lines += [f"warning: {p}" for p in problems]
+    return lines

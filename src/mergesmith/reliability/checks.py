@@ -1,0 +1,53 @@
+"""Checks shared by the post-merge audit and `mergesmith verify`: finiteness and config consistency."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mergesmith.sources import arch
+
+CHUNK = 1 << 24  # elements per finiteness check: bounds the temporary boolean mask
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many NaN or Inf values `tensor` holds (0 for integer tensors)."""
+    if not tensor.is_floating_point():
+        return 0
+    # Fast path: one reduction, no temporary. A finite sum means every value is finite (any NaN or
+    # Inf makes the sum NaN or Inf); only an infinite sum needs the exact count.
+    if bool(torch.isfinite(torch.sum(tensor, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))):
+        return 0
+    flat = tensor.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK]
+        bad += part.numel() - int(torch.isfinite(part).sum())
+    return bad
+
+
+def config_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Where config.json disagrees with the tensors written: layer count, vocabulary size, tie flag."""
+    problems = []
+    names = list(shapes)
+    key = arch.num_layers_key(dict(config))
+    layers = arch.layer_count(names)
+    if key is not None and layers and arch.get_dotted(dict(config), key) != layers:
+        problems.append(
+            f"config.json {key} is {arch.get_dotted(dict(config), key)} but the weights have {layers} layers"
+        )
+    embed = next((n for n in names if arch.is_embedding(n) and not arch.is_lm_head(n) and len(shapes[n]) == 2), None)
+    if embed is not None:
+        for vk in arch.VOCAB_KEYS:
+            value = config.get(vk)
+            if isinstance(value, int) and value != shapes[embed][0]:
+                problems.append(f"config.json {vk} is {value} but {embed} has {shapes[embed][0]} rows")
+    head = next((n for n in names if arch.is_lm_head(n)), None)
+    tie = config.get("tie_word_embeddings")
+    if tie is False and head is None and embed is not None:
+        problems.append("config.json has tie_word_embeddings false but the weights have no lm_head")
+    if tie is True and head is not None and embed is not None:
+        problems.append(f"config.json has tie_word_embeddings true but the weights have their own {head}")
+    return problems

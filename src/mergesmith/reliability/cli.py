@@ -1,0 +1,86 @@
+"""Commands: `mergesmith validate CONFIG` (also behind `run --dry-run`) and `mergesmith verify OUT`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from mergesmith.cli import main, setup_logging, user_errors
+
+
+def report_validation(config_file: str, *, cuda: bool, cache_dir: str | None, verbose: int) -> int:
+    """Print every problem (or the plan and the estimates); returns the exit code (2: problems)."""
+    from mergesmith.reliability.validate import summary_line, validate_recipe
+
+    v = validate_recipe(config_file, cache_dir=cache_dir, cuda=cuda)
+    if v.problems:
+        click.echo(f"{len(v.problems)} problem(s) in {config_file}:", err=True)
+        for p in v.problems:
+            click.echo(f"  {p.line()}", err=True)
+        return 2
+    assert v.plan is not None and v.estimate is not None
+    for w in v.plan.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if verbose >= 2:
+        for line in v.plan.describe():
+            click.echo(line)
+    click.echo(summary_line(v.plan))
+    for line in v.estimate.lines():
+        click.echo(line)
+    click.echo("no problems found")
+    return 0
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--cuda", is_flag=True, help="Also estimate GPU memory.")
+@click.option("--transformers-cache", default=None, help="Hugging Face download cache directory.")
+@click.option("-v", "--verbose", count=True, help="-vv prints the per-tensor plan.")
+@user_errors
+def validate(config_file: str, cuda: bool, transformers_cache: str | None, verbose: int) -> None:
+    """Check a recipe from metadata only: every problem at once, with its YAML path and a fix.
+
+    \b
+    Example:
+      mergesmith validate recipe.yml --cuda
+    """
+    setup_logging(verbose)
+    sys.exit(report_validation(config_file, cuda=cuda, cache_dir=transformers_cache, verbose=verbose))
+
+
+def dry_run(config_file: str, opts: dict[str, Any]) -> None:
+    """`run --dry-run`: the same checks as `validate`."""
+    cuda = bool(opts.get("cuda") or opts.get("gpu_rich") or str(opts.get("device") or "").startswith("cuda"))
+    code = report_validation(
+        config_file, cuda=cuda, cache_dir=opts.get("transformers_cache"), verbose=opts.get("verbose", 0)
+    )
+    if code:
+        sys.exit(code)
+
+
+@main.command()
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--load", is_flag=True, help="Also load it with transformers and run a forward pass.")
+@user_errors
+def verify(out_path: str, load: bool) -> None:
+    """Re-check a merged model directory: index vs files, headers, NaN/Inf, config.json vs tensors.
+
+    \b
+    Example:
+      mergesmith verify ./merged --load
+    """
+    from pathlib import Path
+
+    from mergesmith.reliability.verify import load_and_run, verify_directory
+
+    problems, tensors = verify_directory(Path(out_path))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {out_path}:", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+    click.echo(f"ok: {len(tensors)} tensors, index and headers consistent, all finite, config.json matches")
+    if load:
+        click.echo(load_and_run(Path(out_path)))

@@ -1,0 +1,154 @@
+"""Resumable shard output: a small journal in the staging directory records each finished shard's hash.
+
+After an interruption (Ctrl-C, kill -9, a full disk) the staging directory keeps the shards that
+were complete. `run --resume` reuses each one whose hash still matches its journal entry, provided
+the merge is the same (recipe, plan, seed, shard layout and input files: the fingerprint), and
+computes only the rest, so the result is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from mergesmith.output.shards import PARTIAL, Shard
+from mergesmith.plan import Plan
+from mergesmith.sources.model import ModelInfo
+
+log = logging.getLogger("mergesmith")
+
+JOURNAL = ".mergesmith-journal.json"
+INDEX = "model.safetensors.index.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "") -> str:
+    """What makes two runs produce the same shards: the per-tensor plan, the layout, the seed, the inputs."""
+    h = hashlib.sha256()
+    for line in plan.describe():
+        h.update(line.encode() + b"\n")
+    for shard in shards:
+        h.update(shard.file.encode() + shard.header)
+    h.update(f"seed={seed};{extra}".encode())
+    for key in sorted(models):
+        info = models[key]
+        for file in sorted({m.file for m in info.tensors.values()}):
+            st = (info.directory / file).stat()
+            h.update(f"{key}|{info.directory.resolve()}/{file}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def write_index(directory: Path, shards: list[Shard]) -> None:
+    """The index of a sharded output, written the same way by a fresh and a resumed run."""
+    if len(shards) <= 1:
+        return
+    index = {
+        "metadata": {"total_size": sum(s.slots[-1].end for s in shards if s.slots)},
+        "weight_map": {slot.name: shard.file for shard in shards for slot in shard.slots},
+    }
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class ShardJournal:
+    """Which shards of this merge are finished in `directory`, and which are still to write."""
+
+    def __init__(self, directory: Path, shards: list[Shard], fingerprint: str, resume: bool) -> None:
+        self.directory = directory
+        self.shards = shards
+        self.fingerprint = fingerprint
+        self.path = directory / JOURNAL
+        self.done: dict[str, str] = {}  # file -> sha256
+        self._lock = threading.Lock()
+        if resume:
+            self.done = self._reusable()
+        self._clear_others()
+        self._save()
+        self.pending = [s for s in shards if s.file not in self.done]
+        self.reused = [s for s in shards if s.file in self.done]
+
+    def _reusable(self) -> dict[str, str]:
+        if not self.path.exists():
+            log.warning("--resume: no journal of an interrupted merge in %s; starting from scratch", self.directory)
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            recorded = dict(data["shards"]) if data.get("fingerprint") == self.fingerprint else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            recorded = None
+        if recorded is None:
+            log.warning(
+                "--resume: the interrupted merge differs from this one (recipe, options or inputs); starting over"
+            )
+            return {}
+        files = {s.file for s in self.shards}
+        reused = {}
+        for file, digest in recorded.items():
+            path = self.locate(file)
+            if file in files and path is not None and file_sha256(path) == digest:
+                reused[file] = digest
+            else:
+                log.warning("--resume: shard %s is missing or changed; it will be written again", file)
+        log.info("--resume: reusing %d of %d shards", len(reused), len(self.shards))
+        return reused
+
+    def locate(self, file: str) -> Path | None:
+        for name in (file + PARTIAL, file):
+            if (self.directory / name).is_file():
+                return self.directory / name
+        return None
+
+    def _clear_others(self) -> None:
+        """Everything in the staging directory but the reused shards goes: each run writes it afresh."""
+        keep = {JOURNAL} | {p.name for f in self.done if (p := self.locate(f)) is not None}
+        for entry in self.directory.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.done}, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def pending_plan(self, plan: Plan) -> Plan:
+        names = {slot.name for s in self.pending for slot in s.slots}
+        return replace(plan, tensors=[t for t in plan.tensors if t.name in names])
+
+    def shard_written(self, shard: Shard) -> None:
+        """Every tensor of `shard` is written: record its hash.
+
+        No fsync here: a resumed run re-hashes each shard, so one damaged by a power cut is rewritten."""
+        path = self.locate(shard.file)
+        if path is None:
+            return
+        digest = file_sha256(path)
+        with self._lock:
+            self.done[shard.file] = digest
+            self._save()
+
+    def finish(self, written: Iterable[str]) -> list[str]:
+        """After the writer closed its shards: name the reused ones too and write the index."""
+        del written
+        for shard in self.reused:
+            partial = self.directory / (shard.file + PARTIAL)
+            if partial.exists():
+                os.replace(partial, self.directory / shard.file)
+        write_index(self.directory, self.shards)
+        return [s.file for s in self.shards]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".tmp").unlink(missing_ok=True)
