@@ -216,10 +216,15 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "mergesmith.eval.cli",
+]
 
 for _module in COMMAND_MODULES:
     __import__(_module)
 
 if __name__ == "__main__":
-    main()
+    # run as a script this module is `__main__`; feature commands registered on `mergesmith.cli.main`
+    from mergesmith.cli import main as registered_main
+
+    registered_main()
