@@ -69,6 +69,30 @@ class LmEvalTask:
         return out
 
 
+def registered_names() -> list[str]:
+    """Every registered lm-eval task, group and tag name; cached per lm-eval version (indexing takes ~15 s)."""
+    import json
+    import os
+
+    lm_eval = _import_lm_eval()
+    version = getattr(lm_eval, "__version__", "unknown")
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergesmith"
+    cache = cache_root / f"lm-eval-{version}-tasks.json"
+    try:
+        return list(json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    names = list(TaskManager().all_tasks)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(names), encoding="utf-8")
+    except OSError:
+        pass
+    return names
+
+
 def _manager(specs: list[str]) -> Any:
     from lm_eval.tasks import TaskManager
 
@@ -82,16 +106,18 @@ def load_lm_eval_tasks(specs: list[str]) -> list[LmEvalTask]:
     for spec in specs:
         if is_yaml_spec(spec) and not Path(spec).is_file():
             raise MergeError("task YAML not found", spec)
-    manager = _manager(specs)
-    out = []
+    names = set(registered_names()) if not all(is_yaml_spec(s) for s in specs) else set()
     for spec in specs:
-        if not is_yaml_spec(spec) and spec not in manager.all_tasks:
+        if not is_yaml_spec(spec) and spec not in names:
             if Path(spec).suffix:
                 raise MergeError("not a task file: use .jsonl (our format) or .yaml (an lm-eval task)", spec)
             raise MergeError(
-                f"unknown task: not a .jsonl file and not a registered lm-eval task{did_you_mean(spec, manager.all_tasks)}",
+                f"unknown task: not a .jsonl file and not a registered lm-eval task{did_you_mean(spec, names)}",
                 spec,
             )
+    manager = _manager(specs)
+    out = []
+    for spec in specs:
         try:
             loaded = manager.load([spec])
         except Exception as err:
