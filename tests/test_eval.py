@@ -222,3 +222,19 @@ def test_unknown_lm_eval_task(models: dict[str, Path]) -> None:
     assert result.exit_code == 2
     assert "hellaswagg: unknown task" in result.output
     assert "did you mean 'hellaswag'" in result.output
+
+
+def test_base_plus_adapter_reference_is_the_peft_model(models: dict[str, Path], base, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from mergesmith.eval import load_model
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(models["base"]), config).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    model, tok = load_model(f"{models['base']}+{tmp_path / 'adapter'}")
+    ids = torch.tensor([tok.encode(PROMPTS[0])])
+    with torch.inference_mode():
+        expected = adapted(ids).logits
+        assert (expected - base[0](ids).logits).abs().max() > 1e-3  # the adapter does change the model
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)

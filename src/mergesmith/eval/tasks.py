@@ -160,11 +160,7 @@ def load_jsonl_task(path: str | Path) -> JsonlTask:
     return JsonlTask(path.stem, path, read_jsonl(path))
 
 
-def is_jsonl_spec(spec: str) -> bool:
-    return spec.endswith((".jsonl", ".json")) and not spec.endswith((".yaml", ".yml"))
-
-
-def load_tasks(specs: list[str], *, lm_eval_limit: int | None = None) -> list[Task]:
+def load_tasks(specs: list[str]) -> list[Task]:
     """Validate every task spec (files, lines, lm-eval names) before any model is loaded.
 
     A spec ending in `.jsonl` is our format; anything else is an lm-eval task: a registered name,
