@@ -254,7 +254,14 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = ["mergesmith.moe.cli", "mergesmith.commands_multi", "mergesmith.lora.cli", "mergesmith.reliability.cli"]
+COMMAND_MODULES: list[str] = [
+    "mergesmith.moe.cli",
+    "mergesmith.commands_multi",
+    "mergesmith.lora.cli",
+    "mergesmith.reliability.cli",
+    "mergesmith.eval.cli",
+    "mergesmith.search.cli",
+]
 
 for _module in COMMAND_MODULES:
     __import__(_module)
