@@ -221,10 +221,15 @@ def demo(workdir: str) -> None:
 
 
 # Feature commands live beside their feature; each module registers its commands on `main`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "mergesmith.search.cli",
+]
 
 for _module in COMMAND_MODULES:
     __import__(_module)
 
 if __name__ == "__main__":
-    main()
+    # `python -m mergesmith.cli`: command modules registered on `mergesmith.cli.main`, not on `__main__.main`
+    from mergesmith.cli import main as _registered_main
+
+    _registered_main()
