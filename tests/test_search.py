@@ -216,3 +216,20 @@ def test_bad_inputs_fail_with_one_message_before_any_evaluation(trio, tmp_path, 
     assert message in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_pareto_keeps_the_front_over_two_targets(trio, tmp_path):
+    pytest.importorskip("optuna")
+    spec = genome(trio)
+    second = {"python": "search_tasks:kl_to_target", "args": {"target": str(trio["ft2"])}}
+    spec["tasks"].append(second)
+    options = SearchOptions(max_evals=24, optimizer="pareto", popsize=8, cpus_per_worker=1)
+    result = run_search(SearchDefinition.model_validate(spec), tmp_path, options)
+    assert len(result.history) == 24 and result.front
+    objs = [e["objectives"] for e in result.history]
+    for e in result.front:  # nothing in the history dominates a front member
+        a = e["objectives"]
+        assert not any(all(b_ >= a_ for a_, b_ in zip(a, b)) and b != a for b in objs)
+    for e in result.history:
+        assert e["objectives"] == list(e["scores"].values())
+    assert (tmp_path / "pareto_front.json").exists()

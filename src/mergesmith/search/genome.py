@@ -209,12 +209,12 @@ class Genome:
         g = self.granularity
         rng = [group * g, (group + 1) * g]
         sources = [
-            {"model": m, "layer_range": rng, "parameters": self._model_params(values, i, group)}
+            {"model": m, "layer_range": list(rng), "parameters": self._model_params(values, i, group)}
             for i, m in enumerate(self.searched_models)
         ]
         base = self.definition.base_model
         if base is not None and base not in self.searched_models:
-            sources.append({"model": base, "layer_range": rng})
+            sources.append({"model": base, "layer_range": list(rng)})
         return {"sources": sources}
 
     def _slerp(self, values: np.ndarray) -> dict[str, Any]:
@@ -230,7 +230,7 @@ class Genome:
             ma, mb = self.searched_models[a], self.searched_models[b]
             slices.append(
                 {
-                    "sources": [{"model": ma, "layer_range": rng}, {"model": mb, "layer_range": rng}],
+                    "sources": [{"model": ma, "layer_range": list(rng)}, {"model": mb, "layer_range": list(rng)}],
                     "base_model": ma,
                     "parameters": {"t": t},
                 }

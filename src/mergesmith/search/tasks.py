@@ -21,8 +21,6 @@ from typing import Any, Protocol, runtime_checkable
 from mergesmith.errors import MergeError
 from mergesmith.search.genome import SearchDefinition, TaskDefinition
 
-DEFAULT_EVAL_METRIC = "acc,none"
-
 
 @runtime_checkable
 class Task(Protocol):
@@ -44,18 +42,23 @@ class WeightedTask:
 
     def score(self, model: Any, tokenizer: Any) -> float:
         metrics = self.task.evaluate(model, tokenizer)
-        if self.metric is None:
+        metric = self.metric
+        if metric is not None and metric not in metrics and metric.split(",")[0] in metrics:
+            metric = metric.split(",")[0]  # lm-eval's "acc,none" is our "acc"
+        if metric is None and hasattr(self.task, "primary_metric"):
+            metric = self.task.primary_metric(metrics)
+        if metric is None:
             if len(metrics) != 1:
                 raise MergeError(
                     f"task '{self.task.name}' returns several metrics ({', '.join(metrics)}); say which with 'metric:'",
                     self.where,
                 )
             return float(next(iter(metrics.values())))
-        if self.metric not in metrics:
+        if metric not in metrics:
             raise MergeError(
-                f"task '{self.task.name}' has no metric '{self.metric}' (it returns {', '.join(metrics)})", self.where
+                f"task '{self.task.name}' has no metric '{metric}' (it returns {', '.join(metrics)})", self.where
             )
-        return float(metrics[self.metric])
+        return float(metrics[metric])
 
 
 def load_python_task(spec: str, args: dict[str, Any] | None, where: str) -> Task:
@@ -79,26 +82,32 @@ def load_python_task(spec: str, args: dict[str, Any] | None, where: str) -> Task
 
 
 class EvalTask:
-    """Adapter to `mergesmith eval`: one TASK as `mergesmith eval` accepts it, scored in memory."""
+    """Adapter to `mergesmith eval` (imported lazily): one TASK as `mergesmith eval` accepts it.
 
-    def __init__(self, spec: str, options: dict[str, Any]) -> None:
-        self.spec = spec
-        self.name = Path(spec).stem if ("/" in spec or spec.endswith((".jsonl", ".yaml", ".yml"))) else spec
-        self.options = options
-        self._loaded: Any = None
+    Uses eval's in-memory API: `load_tasks([spec])` validates and loads the task once (no model
+    loaded), `task.evaluate(model, tokenizer, limit=...)` scores the resident model.
+    """
 
-    def evaluate(self, model: Any, tokenizer: Any) -> dict[str, float]:
+    def __init__(self, spec: str, limit: int | None = None, where: str = "tasks") -> None:
         try:
-            from mergesmith import eval as mse  # the `mergesmith eval` package (issue 11)
+            from mergesmith import eval as mse  # the `mergesmith eval` package
         except ImportError:
             raise MergeError(
-                "scoring eval tasks needs the `mergesmith eval` package, which is not installed in this build;"
-                " use a `python:` task",
-                self.spec,
+                "scoring eval tasks needs the `mergesmith eval` package, which this build lacks; use a `python:` task",
+                where,
             ) from None
-        if self._loaded is None:
-            self._loaded = mse.load_task(self.spec, **self.options)
-        return dict(mse.evaluate_task(self._loaded, model, tokenizer))
+        (self.task,) = mse.load_tasks([spec], lm_eval_limit=limit)
+        self.name = self.task.name
+        self.limit = limit
+
+    def evaluate(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        scores = self.task.evaluate(model, tokenizer, limit=self.limit)
+        return {k: float(v) for k, v in scores.items() if k != "n" and not k.endswith("_stderr")}
+
+    def primary_metric(self, scores: dict[str, float]) -> str:
+        from mergesmith.eval import primary_metric
+
+        return primary_metric(self.task, scores)
 
 
 def check_task_definition(t: TaskDefinition, where: str) -> None:
@@ -113,7 +122,6 @@ def load_tasks(definition: SearchDefinition) -> list[WeightedTask]:
     """Build every task of the genome file (imports python tasks, checks files); raises MergeError."""
     for i, t in enumerate(definition.tasks):
         check_task_definition(t, f"tasks[{i}]")
-    options = {k: v for k, v in (("limit", definition.limit), ("num_fewshot", definition.num_fewshot)) if v is not None}
     out = []
     for i, t in enumerate(definition.tasks):
         where = f"tasks[{i}]"
@@ -121,8 +129,8 @@ def load_tasks(definition: SearchDefinition) -> list[WeightedTask]:
             task: Task = load_python_task(t.python, t.args, where)
             metric = t.metric
         else:
-            task = EvalTask(str(t.path or t.name), options)
-            metric = t.metric or DEFAULT_EVAL_METRIC
+            task = EvalTask(str(t.path or t.name), definition.limit, where)
+            metric = t.metric
         out.append(WeightedTask(task, t.weight, metric, where))
     return out
 
@@ -133,4 +141,4 @@ def parse_task_arg(text: str, where: str = "--holdout") -> WeightedTask:
         return WeightedTask(load_python_task(text.removeprefix("python:"), None, where), 1.0, None, where)
     if ("/" in text or text.endswith((".jsonl", ".yaml", ".yml"))) and not Path(text).expanduser().is_file():
         raise MergeError("task file not found", f"{where} ({text})")
-    return WeightedTask(EvalTask(text, {}), 1.0, DEFAULT_EVAL_METRIC, where)
+    return WeightedTask(EvalTask(text, None, where), 1.0, None, where)
