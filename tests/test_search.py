@@ -229,7 +229,7 @@ def test_pareto_keeps_the_front_over_two_targets(trio, tmp_path):
     objs = [e["objectives"] for e in result.history]
     for e in result.front:  # nothing in the history dominates a front member
         a = e["objectives"]
-        assert not any(all(b_ >= a_ for a_, b_ in zip(a, b)) and b != a for b in objs)
+        assert not any(all(b_ >= a_ for a_, b_ in zip(a, b, strict=True)) and b != a for b in objs)
     for e in result.history:
         assert e["objectives"] == list(e["scores"].values())
     assert (tmp_path / "pareto_front.json").exists()
