@@ -233,3 +233,15 @@ def test_pareto_keeps_the_front_over_two_targets(trio, tmp_path):
     for e in result.history:
         assert e["objectives"] == list(e["scores"].values())
     assert (tmp_path / "pareto_front.json").exists()
+
+
+def test_time_budget_stops_early_and_resume_extends_it(trio, tmp_path):
+    definition = SearchDefinition.model_validate(genome(trio, delay=0.05))
+    options = SearchOptions(max_evals=40, time_budget=0.6, cpus_per_worker=1)
+    first = run_search(definition, tmp_path, options)
+    assert 0 < len(first.history) < 40
+    options = SearchOptions(max_evals=40, resume=True, cpus_per_worker=1)
+    second = run_search(definition, tmp_path, options)
+    assert [e["index"] for e in second.history] == list(range(40))
+    assert second.evaluated == 40 - len(first.history)
+    assert comparable(second.history[: len(first.history)]) == comparable(first.history)

@@ -127,7 +127,7 @@ class RayWorkers:
                 queue.appendleft(job)
                 continue
             except RayTaskError as err:
-                cause = err.as_instanceof_cause()
+                cause = getattr(err, "cause", None)
                 if isinstance(cause, MergeError):
                     raise MergeError(cause.message, cause.where) from None
                 raise
