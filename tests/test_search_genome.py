@@ -85,3 +85,19 @@ def test_slerp_takes_the_two_largest_weights_per_group(models):
 def test_genome_errors(kw, message):
     with pytest.raises(MergeError, match=message):
         build(models=["a", "b"], **kw)
+
+
+def test_search_lambda_adds_one_global_gene(models):
+    g = build(
+        models=[str(models["ft1"]), str(models["ft2"])],
+        merge_method="task_arithmetic",
+        base_model=str(models["base"]),
+        search_lambda=True,
+    )
+    assert g.size == 2 * 2 + 1  # (weight, density) per model, plus lambda
+    assert g.initial()[-1] == 1.0
+    recipe = g.decode(np.array([0.3, 1.0, 0.6, 1.0, -0.75]))
+    assert recipe["parameters"]["lambda"] == 0.75
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == [0.3, 0.6]
+    with pytest.raises(MergeError, match="no 'lambda'"):
+        build(models=["a", "b"], merge_method="linear", search_lambda=True)

@@ -40,6 +40,7 @@ class GenomeDefinition(_Strict):
     filters: list[str] | None = None
     smooth: bool = False
     dtype: str = "bfloat16"  # mergesmith extension: mergekit-evolve always merges in bfloat16
+    search_lambda: bool = False  # mergesmith extension: one more gene, the method's global `lambda`
 
 
 class TaskDefinition(_Strict):
@@ -108,6 +109,8 @@ class Genome:
             params = tuple(p for p in SEARCHED if p in per_model)
         if method.base == "required" and d.base_model is None and method.name != "slerp":
             raise MergeError(f"{method.name} needs a base_model", "genome.base_model")
+        if d.search_lambda and "lambda" not in method.global_params:
+            raise MergeError(f"{method.name} has no 'lambda' to search", "genome.search_lambda")
         if d.layer_granularity < 0:
             raise MergeError("layer_granularity must be 0 (one group) or a positive layer count", "genome")
         if d.layer_granularity > 0 and num_layers % d.layer_granularity != 0:
@@ -134,19 +137,20 @@ class Genome:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return int(np.prod(self.shape)) + (1 if self.definition.search_lambda else 0)
 
     def initial(self, rng: np.random.Generator | None = None) -> np.ndarray:
         """mergekit-evolve's start: weight 1/#models, other parameters 1 (or U(0,1) with `random_init`)."""
+        extra = [1.0] if self.definition.search_lambda else []
         if rng is not None:
-            return rng.uniform(0.0, 1.0, self.shape).ravel()
+            return np.concatenate([rng.uniform(0.0, 1.0, self.shape).ravel(), extra])
         x = np.ones(self.shape)
         x[..., 0] = 1.0 / len(self.searched_models)
-        return x.ravel()
+        return np.concatenate([x.ravel(), extra])
 
     def decode_values(self, flat: np.ndarray) -> np.ndarray:
         """Genes -> parameter values: |x| (weights keep their sign if allowed), clamped to each bound."""
-        x = np.asarray(flat, dtype=np.float64).reshape(self.shape)
+        x = np.asarray(flat, dtype=np.float64)[: int(np.prod(self.shape))].reshape(self.shape)
         out = np.empty_like(x)
         for k, p in enumerate(self.params):
             lo, hi = SEARCHED[p]
@@ -182,6 +186,8 @@ class Genome:
             parameters["normalize"] = normalize
         if "int8_mask" in globals_:
             parameters["int8_mask"] = True
+        if d.search_lambda:
+            parameters["lambda"] = round(abs(float(flat[-1])), DIGITS)
         if parameters:
             recipe["parameters"] = parameters
         recipe["dtype"] = d.dtype
