@@ -40,7 +40,7 @@ def eval_command(models: tuple[str, ...], tasks: tuple[str, ...], **opts: object
     from mergesmith.eval.models import pick_device
     from mergesmith.eval.report import plot, table, write_json
 
-    setup_logging(int(opts["verbose"]), False)  # type: ignore[call-overload]
+    setup_logging(int(opts["verbose"]))
     if opts["plot"] and not str(opts["plot"]).lower().endswith(".png"):
         raise MergeError("the plot is written as PNG: give a file name ending in .png", "--plot")
     device = pick_device(str(opts["device"]))
