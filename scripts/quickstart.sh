@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install mergesmith (and, when no torch is installed, the CPU build of torch 2.13.0), then run a
-# real merge on tiny models built locally, load the result with transformers and generate.
+# real merge on tiny models built locally, load the result with transformers and generate, then
+# score the merge beside its inputs with `mergesmith eval`.
 # GPU users: install the torch build for your CUDA first; this script keeps an installed torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[test]"
-"$PY" -m mergesmith.cli demo "${1:-${TMPDIR:-/tmp}/mergesmith-demo}"
+DEMO="${1:-${TMPDIR:-/tmp}/mergesmith-demo}"
+"$PY" -m mergesmith.cli demo "$DEMO"
+# Score the merge beside its inputs (read from the recipe it carries) on a small local task.
+"$PY" -m mergesmith.cli eval "$DEMO/merged" --task "$DEMO/demo-task.jsonl"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,41 +116,20 @@ def retarget(plan: Plan, models: dict[str, ModelInfo], sources: dict[str, ModelR
 
 def run_bakllama(config: BakllamaConfig, out: str | Path, options: Any, dtype: str | None = None) -> Any:
     """Plan the passthrough recipe, re-point embeddings/lm_head, write atomically; returns a MergeSummary."""
-    from mergesmith.merge import MergeSummary, load_models, peak_rss_bytes, write_side_files, write_weights
-    from mergesmith.output.staging import StagedOutput
-    from mergesmith.plan import plan_merge
+    from mergesmith.merge import run_merge
     from mergesmith.sources.model import load_model_info
 
-    start = time.perf_counter()
     recipe = bakllama_recipe(config, dtype)
     merge_config: MergeConfig = parse_config(recipe, "layer_slices")
     text = yaml.safe_dump(recipe, sort_keys=False)
-    for key, ref in extra_refs(config).items():
-        text += f"# bakllama {key}: {ref} (applied to the plan; not a recipe key)\n"
-    staged = StagedOutput(Path(out), options.overwrite)
-    staged.check()
-    models = load_models(merge_config, options)
     sources = extra_refs(config)
-    for ref in sources.values():
-        if ref.key not in models:
-            models[ref.key] = load_model_info(ref, options.transformers_cache)
-    plan = retarget(plan_merge(merge_config, models), models, sources)
-    for w in plan.warnings:
-        log.warning(w)
-    directory = staged.begin()
-    try:
-        files = write_weights(plan, models, directory, merge_config, options)
-        write_side_files(directory, Path(out).name, plan, models, merge_config, text, options)
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
-    return MergeSummary(
-        out=staged.out,
-        files=files,
-        seconds=time.perf_counter() - start,
-        bytes_read=plan.bytes_read,
-        bytes_written=plan.bytes_written,
-        peak_rss=peak_rss_bytes(),
-        warnings=plan.warnings,
-    )
+    for key, ref in sources.items():
+        text += f"# bakllama {key}: {ref} (applied to the plan; not a recipe key)\n"
+
+    def retarget_sources(plan: Plan, models: dict[str, ModelInfo]) -> Plan:
+        for ref in sources.values():
+            if ref.key not in models:
+                models[ref.key] = load_model_info(ref, options.transformers_cache)
+        return retarget(plan, models, sources)
+
+    return run_merge(merge_config, text, out, options, plan_transform=retarget_sources)

@@ -36,11 +36,27 @@ def run_demo(workdir: Path) -> tuple[MergeSummary, str]:
     base = make_base(workdir / "base", layers=4, hidden=64, vocab=128, seed=0)
     ft1 = make_finetune(base, workdir / "finetune-1", seed=1)
     ft2 = make_finetune(base, workdir / "finetune-2", seed=2, shards=2)
+    write_demo_task(workdir / "demo-task.jsonl")
     recipe = RECIPE.format(base=base, ft1=ft1, ft2=ft2)
     (workdir / "recipe.yml").write_text(recipe)
     config = parse_config(yaml.safe_load(recipe), str(workdir / "recipe.yml"))
     summary = run_merge(config, recipe, workdir / "merged", MergeOptions(overwrite=True))
     return summary, generate(workdir / "merged")
+
+
+def write_demo_task(path: Path) -> None:
+    """A small multiple-choice task in mergesmith eval's JSONL format, to compare the merge with its inputs."""
+    import json
+
+    rows = [
+        {"prompt": "one two", "choices": ["three", "cat", "blue"], "label": 0},
+        {"prompt": "red green", "choices": ["dog", "blue", "yes"], "label": 1},
+        {"prompt": "hello", "choices": ["world", "four", "no"], "label": 0},
+        {"prompt": "the cat and the", "choices": ["red", "five", "dog"], "label": 2},
+        {"prompt": "yes or", "choices": ["no", "model", "layer"], "label": 0},
+        {"prompt": "merge the", "choices": ["bad", "weights", "green"], "label": 1},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def generate(model_dir: Path, prompt: str = "hello world the model") -> str:

@@ -149,12 +149,16 @@ def run_merge(
     options: MergeOptions | None = None,
     progress: Callable[[OutputTensor], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    plan_transform: Callable[[Plan, dict[str, ModelInfo]], Plan] | None = None,
 ) -> MergeSummary:
+    """Merge `config` into `out`. `plan_transform` may rewrite the plan (and add models) before execution."""
     options = options or MergeOptions()
     start = time.perf_counter()
     staged = StagedOutput(Path(out), options.overwrite)
     staged.check()
     plan, models = prepare(config, options)
+    if plan_transform is not None:
+        plan = plan_transform(plan, models)
     for w in plan.warnings:
         log.warning(w)
     if on_plan is not None:
