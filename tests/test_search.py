@@ -167,10 +167,6 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(trio, tmp_path):
     assert (killed / "best_config.yaml").read_text() == (tmp_path / "straight" / "best_config.yaml").read_text()
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MERGESMITH_TEST_RAY"),
-    reason="starting Ray takes ~90 s on a 2-core box; set MERGESMITH_TEST_RAY=1",
-)
 def test_ray_with_two_workers_gives_the_same_history_as_one(trio, tmp_path):
     pytest.importorskip("ray")
     spec = tmp_path / "genome.yml"
