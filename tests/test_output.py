@@ -126,3 +126,29 @@ def test_dry_run_reads_no_tensor(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "plan: linear" in result.output and "output tensors" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_flags_accepted_with_a_note(models, tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(linear_recipe(models, "ft1", "ft2")))
+    flags = [
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--allow-crimes",
+        "--clone-tensors",
+        "--async-write",
+        "--write-threads",
+        "4",
+        "--no-safe-serialization",
+        "--trust-remote-code",
+        "--out-shard-size",
+        "1B",
+        "-j",
+        "2",
+    ]
+    result = run_cli("run", path, tmp_path / "out", "--quiet", *flags)
+    assert result.exit_code == 0, result.output
+    assert "note: --lazy-unpickle" in result.output and "note: --write-threads is ignored" in result.output
+    assert (tmp_path / "out" / "model.safetensors").exists()

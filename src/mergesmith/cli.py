@@ -95,6 +95,26 @@ TUNING_FLAGS = [
 ]
 
 
+# What each accepted-but-inert flag means here, printed once when a command line sets it.
+INERT_FLAGS = {
+    "low_cpu_memory": "--low-cpu-memory: mergesmith always streams one tensor at a time",
+    "read_to_gpu": "--read-to-gpu: inputs are staged to the device by the engine",
+    "multi_gpu": "--multi-gpu: one device is used",
+    "async_write": "--async-write: shards are always written by a writer thread",
+    "lazy_unpickle": "--lazy-unpickle: .bin inputs are always memory-mapped and read weights-only",
+    "allow_crimes": "--allow-crimes: layers are inferred from tensor names, so this check does not exist here",
+    "clone_tensors": "--clone-tensors: repeated layers are always written as separate tensors",
+}
+
+
+def note_inert_flags(opts: dict[str, Any]) -> None:
+    for key, note in INERT_FLAGS.items():
+        if opts.get(key):
+            click.echo(f"note: {note}", err=True)
+    if opts.get("write_threads", 1) != 1:
+        click.echo("note: --write-threads is ignored, as in mergekit", err=True)
+
+
 def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(TUNING_FLAGS):
         fn = option(fn)
@@ -138,6 +158,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     from mergesmith.recipe.schema import load_config
 
     setup_logging(opts["verbose"])
+    note_inert_flags(opts)
     if opts["dry_run"]:
         from mergesmith.reliability.cli import dry_run
 
