@@ -251,21 +251,22 @@ class _Planner:
         for sl in self.slices:
             for k in range(sl.length):
                 t = 1.0 if sl.length == 1 else k / (sl.length - 1)
-                rests: dict[str, None] = {}
-                names: dict[Source, dict[str, str]] = {}
+                # Keyed by (layer-container prefix, rest of the name): a model may have several
+                # stacks (a vision tower beside the language model), each keeps its own prefix.
+                keys: dict[tuple[str, str], None] = {}
+                names: dict[Source, dict[tuple[str, str], str]] = {}
                 for src in sl.sources:
                     layer = src.layers[0] + k
                     own = {}
                     for n in self._info(src.ref).tensors:
                         p = arch.parse_layer_name(n)
                         if p is not None and p.index == layer:
-                            own[p.rest] = n
-                            rests.setdefault(p.rest)
-                            prefix = p.prefix
+                            own[(p.prefix, p.rest)] = n
+                            keys.setdefault((p.prefix, p.rest))
                     names[src] = own
-                for rest in rests:
-                    out_name = f"{prefix}.{out_layer}.{rest}"
-                    tensors.append(self._tensor(out_name, sl, lambda s, r=rest, own=names: own[s].get(r), t))
+                for key in keys:
+                    out_name = f"{key[0]}.{out_layer}.{key[1]}"
+                    tensors.append(self._tensor(out_name, sl, lambda s, r=key, own=names: own[s].get(r), t))
                 layer_origin.append((sl.sources[0], sl.sources[0].layers[0] + k))
                 out_layer += 1
         for name in post:
