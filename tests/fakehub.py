@@ -2,7 +2,8 @@
 
 Serves model directories (built with toymodels) as repositories with named revisions: the model info
 API (`/api/models/{repo}[/revision/{rev}]`), the tree API (`/api/models/{repo}/tree/{rev}`) and file
-resolution (`/{repo}/resolve/{rev}/{path}`, HEAD and GET with Range). Unknown repos, revisions and
+resolution (`/{repo}/resolve/{rev}/{path}`, HEAD and GET with Range), and for uploads `whoami-v2`,
+`repos/create`, `preupload` and `commit` (every file sent inline, base64, as "regular" files). Unknown repos, revisions and
 files answer 404 with the `X-Error-Code` huggingface_hub turns into its typed errors. Every request is
 recorded (method, path, range, body bytes sent) so tests can assert what was fetched.
 
@@ -13,6 +14,7 @@ stops the server at teardown.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -25,7 +27,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?P<sub>/.*)?)?$")
+API = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree|preupload|commit)/(?P<rev>[^/]+)(?P<sub>/.*)?)?$"
+)
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -48,7 +52,8 @@ class Revision:
 
 
 class FakeHub:
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root  # where uploaded repositories are written
         self.repos: dict[str, dict[str, Revision]] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -104,7 +109,41 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._answer(head=True)
 
         def do_GET(self) -> None:  # noqa: N802
+            if urlsplit(self.path).path == "/api/whoami-v2":
+                return self._send(200, json.dumps({"name": "me", "type": "user"}).encode(), {}, False)
             self._answer(head=False)
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            path = unquote(urlsplit(self.path).path)
+            answer: object = {}
+            if path == "/api/repos/create":
+                data = json.loads(body)
+                repo = f"{data['organization']}/{data['name']}"
+                if repo not in hub.repos:
+                    (hub.root / repo).mkdir(parents=True, exist_ok=True)
+                    hub.add(repo, hub.root / repo)
+                answer = {"url": f"{hub.url}/{repo}"}
+            elif (m := API.match(path)) and m["kind"] in ("preupload", "commit"):
+                rev = hub.find(m["repo"], m["rev"])
+                if rev is None:
+                    return self._error("RepoNotFound" if m["repo"] not in hub.repos else "RevisionNotFound", False)
+                if m["kind"] == "preupload":
+                    files = json.loads(body)["files"]
+                    answer = {
+                        "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    }
+                else:
+                    for line in body.splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            target = rev.directory / item["value"]["path"]
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            target.write_bytes(base64.b64decode(item["value"]["content"]))
+                    answer = {"commitUrl": f"{hub.url}/{m['repo']}/commit/{rev.sha}", "commitOid": rev.sha}
+            elif path != "/api/validate-yaml":
+                return self._error("RepoNotFound", False)
+            self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"}, False)
 
         def _send(self, status: int, body: bytes, headers: dict[str, str], head: bool) -> None:
             self.send_response(status)
@@ -181,7 +220,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A running FakeHub that huggingface_hub talks to, with an empty cache under tmp_path and no token."""
     from huggingface_hub import constants
 
-    server = FakeHub()
+    server = FakeHub(tmp_path / "fakehub")
     server.start()
     home = tmp_path / "hf_home"
     cache = home / "hub"

@@ -186,3 +186,23 @@ def test_transformers_cache_flag_puts_downloads_there(served, models, tmp_path):
     assert list(cache.glob("models--org--ft/snapshots/*/model.safetensors"))
     ft1 = tensors(models["ft1"])
     assert all(torch.equal(t, ft1[k]) for k, t in tensors(tmp_path / "out").items())
+
+
+def test_upload_sends_exactly_the_merge_and_it_merges_back(served, models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    recipe = {"merge_method": "linear", "models": [{"model": "org/ft@rev2", "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    assert run_cli("run", write(tmp_path, recipe), out, "--quiet").exit_code == 0
+    result = run_cli("upload", out, "me/merged")
+    assert result.exit_code == 0, result.output
+    uploaded = served.find("me/merged", "main").files()
+    assert sorted(uploaded) == sorted(p.name for p in out.iterdir())
+    assert all(uploaded[name].read_bytes() == (out / name).read_bytes() for name in uploaded)
+    again = run_cli(
+        "run",
+        write(tmp_path, {**recipe, "models": [{"model": "me/merged", "parameters": {"weight": 1.0}}]}, "again.yml"),
+        tmp_path / "o2",
+    )
+    assert again.exit_code == 0, again.output
+    merged = tensors(out)
+    assert all(torch.equal(t, merged[k]) for k, t in tensors(tmp_path / "o2").items())
