@@ -206,3 +206,12 @@ def test_upload_sends_exactly_the_merge_and_it_merges_back(served, models, tmp_p
     assert again.exit_code == 0, again.output
     merged = tensors(out)
     assert all(torch.equal(t, merged[k]) for k, t in tensors(tmp_path / "o2").items())
+
+
+def test_unreachable_hub_and_nothing_cached_is_one_clear_problem(served, tmp_path):
+    served.stop()  # connection refused from now on
+    recipe = {"merge_method": "linear", "models": [{"model": "org/ft@rev2", "parameters": {"weight": 1.0}}]}
+    result = run_cli("validate", write(tmp_path, recipe))
+    assert result.exit_code == 2
+    assert "models[0].model: not a local directory, and fetching it from the Hugging Face hub at" in result.output
+    assert "ConnectError" in result.output
