@@ -2,7 +2,8 @@
 and a suggestion, plus the plan summary and estimates of memory, disk and bytes to read.
 
 Only metadata is touched: config.json files, safetensors headers, index files (a `.bin` input is
-opened through the weights-only loader, which is the only way to learn its tensor names).
+opened through the weights-only loader, which is the only way to learn its tensor names). For a hub id
+only those small files are fetched, and safetensors headers are read with HTTP range requests.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.plan import Plan, parse_block, plan_merge
 from mergesmith.recipe.schema import MergeConfig, load_yaml, validation_error_to_merge_error
 from mergesmith.sources import arch
-from mergesmith.sources.model import DTYPE_BYTES, ModelInfo, load_model_info
+from mergesmith.sources.hub import load_model_metadata
+from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
 
 BASELINE_RAM = 400_000_000  # the Python process with torch loaded
@@ -34,6 +36,7 @@ SUGGESTIONS = (
     ("unknown key", "see the recipe reference in the README"),
     ("required key is missing", "add the key; see the recipe reference in the README"),
     ("model directory not found", "check the path (relative paths are relative to where you run mergesmith)"),
+    ("revision '", "check the branch, tag or commit after '@' (it must exist in the hub repository)"),
     ("hugging face hub", "check the hub id, your network and your token (huggingface-cli login)"),
     ("layer_range", "a layer range is [start, end) with end at most the model's layer count"),
     ("different layer counts", "use 'slices' with a layer_range per model"),
@@ -140,7 +143,7 @@ def validate_recipe(path: str | Path, *, cache_dir: str | None = None, cuda: boo
     for where, raw in _model_entries(data):
         ref = v.guard(where, lambda raw=raw, where=where: parse_ref(raw, where))
         if ref is not None and ref.key not in models:
-            info = v.guard(where, lambda ref=ref: load_model_info(ref, cache_dir), keep_where=True)
+            info = v.guard(where, lambda ref=ref: load_model_metadata(ref, cache_dir), keep_where=True)
             if info is not None:
                 models[ref.key] = info
     if config is None or method is None or v.problems:

@@ -134,28 +134,11 @@ def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
         if not local.is_dir():
             raise MergeError("a model reference must be a directory (or a hub id), not a file", str(local))
         return local
-    looks_local = ref.path.startswith(("/", ".", "~")) or ref.path.count("/") > 1
-    if looks_local:
-        raise MergeError("model directory not found", ref.path)
-    try:
-        from huggingface_hub import snapshot_download
+    from mergesmith.sources.hub import download, looks_local
 
-        path = Path(
-            snapshot_download(ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
-        )
-        if not any(path.glob("*.safetensors")):  # a repository with PyTorch checkpoints only
-            path = Path(
-                snapshot_download(
-                    ref.path, revision=ref.revision, cache_dir=cache_dir, allow_patterns=[*HUB_PATTERNS, "*.bin"]
-                )
-            )
-        return path
-    except Exception as err:  # network, auth, missing repo: all one message for the user
-        raise MergeError(
-            f"not a local directory, and fetching it from the Hugging Face hub failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})",
-            ref.path,
-        ) from None
+    if looks_local(ref.path):
+        raise MergeError("model directory not found", ref.path)
+    return download(ref, cache_dir)  # a hub id: only the files the merge needs
 
 
 def _weights_index(directory: Path) -> tuple[str, dict[str, str]]:
