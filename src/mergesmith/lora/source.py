@@ -10,6 +10,7 @@ import torch
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import Adapter, LoraModule
 from mergesmith.lora.algebra import dora, lora_delta
+from mergesmith.sources import arch
 from mergesmith.sources.model import ModelInfo, TensorMeta
 
 
@@ -54,6 +55,8 @@ def bind(adapter: Adapter, base: ModelInfo) -> BoundAdapter:
     replacements: dict[str, str] = {}
     for name, key in adapter.replacements.items():
         found = resolve_name(name, base.tensors)
+        if found is None and arch.is_lm_head(name) and not any(arch.is_lm_head(n) for n in base.tensors):
+            continue  # a tied head saved beside its embedding (ensure_weight_tying): the embedding carries it
         if found is None:
             raise MergeError(f"the adapter replaces '{name}', which base model '{base.ref}' does not have", where)
         replacements[found] = key
