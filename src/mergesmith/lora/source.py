@@ -103,15 +103,20 @@ def bind(adapter: Adapter, base: ModelInfo) -> BoundAdapter:
 class LoraSource:
     """Reads the base through `base` and applies the bound adapter to exactly the tensors it targets."""
 
-    def __init__(self, base: object, bound: BoundAdapter) -> None:
+    def __init__(self, base: object, bound: BoundAdapter, dtype: str | None = None) -> None:
         self.base = base
         self.bound = bound
+        self.dtype = getattr(torch, dtype) if dtype else None  # --lora-merge-dtype: every float tensor in it
+
+    def get(self, name: str) -> torch.Tensor:
+        value = self._applied(name)
+        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
 
     def _original(self, name: str) -> torch.Tensor:
         key = self.bound.replacements.get(name)
         return self.bound.adapter.get(key) if key is not None else self.base.get(name)  # type: ignore[attr-defined]
 
-    def get(self, name: str) -> torch.Tensor:
+    def _applied(self, name: str) -> torch.Tensor:
         target = self.bound.targets.get(name)
         original = self._original(name)
         if target is None:
