@@ -94,8 +94,8 @@ def test_peft_loads_the_extracted_adapter(models: dict[str, Path], tmp_path: Pat
     from transformers import AutoModelForCausalLM
 
     ft = "ft1" if family == "base" else "gpt2_ft"
-    # peft adapts a tied embedding's input side only, so the GPT-2 embedding is left out (-e wte)
-    out = extract(models, tmp_path, ft, family, "--max-rank", "4", *(["-e", "wte"] if family == "gpt2" else []))
+    # GPT-2 ties its head to wte: the changed embedding is saved with the head tied to it (ensure_weight_tying)
+    out = extract(models, tmp_path, ft, family, "--max-rank", "4")
     ft_sd, base_sd = tensors(models[ft]), tensors(models[family])
     expected = dict(base_sd)  # base + the truncated differences, built here from the SVD
     for name, w in base_sd.items():
@@ -111,8 +111,8 @@ def test_peft_loads_the_extracted_adapter(models: dict[str, Path], tmp_path: Pat
             u, s, vh = torch.linalg.svd(d.T if conv else d)
             low = (u[:, :4] * s[:4]) @ vh[:4]
             expected[name] = (w.double() + (low.T if conv else low)).float()
-        elif "wte" not in name:
-            expected[name] = ft_sd[name]  # biases and norms: exact (lora_B.bias / modules_to_save)
+        else:
+            expected[name] = ft_sd[name]  # biases, norms, embeddings: exact (lora_B.bias / modules_to_save)
     reference = AutoModelForCausalLM.from_pretrained(models[family], dtype=torch.float32)
     reference.load_state_dict(expected, strict=False)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models[family]), out)

@@ -189,6 +189,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
         safe_serialization=opts["safe_serialization"],
         trust_remote_code=opts["trust_remote_code"],
         lora_merge_cache=opts["lora_merge_cache"],
+        lora_merge_dtype=opts["lora_merge_dtype"],
         resume=opts["resume"],
         allow_nonfinite=opts["allow_nonfinite"],
     )

@@ -37,6 +37,7 @@ class MergeOptions:
     safe_serialization: bool = True
     trust_remote_code: bool = False
     lora_merge_cache: str | None = None
+    lora_merge_dtype: str | None = None  # dtype of base+LoRA tensors (and of their cache)
     resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
     allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
 
@@ -67,7 +68,9 @@ def peak_rss_bytes() -> int:
 
 def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelInfo]:
     return {
-        ref.key: load_model_info(ref, options.transformers_cache, options.lora_merge_cache)
+        ref.key: load_model_info(
+            ref, options.transformers_cache, options.lora_merge_cache, lora_merge_dtype=options.lora_merge_dtype
+        )
         for ref in referenced_models(config)
     }
 

@@ -19,8 +19,10 @@ import torch
 from mergesmith.errors import MergeError
 from mergesmith.lora.algebra import decompose
 from mergesmith.lora.kinds import kind_of
+from mergesmith.sources import arch
 
 PREFIX = "base_model.model."
+HEAD = "lm_head"  # the output head peft ties to the input embedding (peft's EMBEDDING_LAYER_NAMES)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class AdapterBuilder:
     skipped: list[str] = field(default_factory=list)
     conv1d: bool = False
     all_modules: dict[str, str] = field(default_factory=dict)  # every seen factorable module -> kind
+    tied: bool = False  # the base ties its output head to the input embedding (no head tensor of its own)
+    warnings: list[str] = field(default_factory=list)
+
+    def is_tied_embedding(self, module: str) -> bool:
+        return self.tied and arch.is_embedding(module) and not arch.is_lm_head(module)
 
     def selected(self, module: str) -> bool:
         o = self.options
@@ -76,6 +83,14 @@ class AdapterBuilder:
         if same_shape and torch.equal(value, base):
             return
         if module in self.options.save_modules or module.rpartition(".")[2] in self.options.save_modules:
+            self._keep(module, leaf, value)
+        elif leaf == "weight" and factorable and value.dim() == 2 and same_shape and self.is_tied_embedding(module):
+            # peft (0.21) runs a LoRA on tied embeddings correctly but merge_and_unload adds it twice: keep it whole
+            if not self.options.skip_undecomposable:
+                self.warnings.append(
+                    f"'{name}' is tied to the output head: kept whole in modules_to_save (tied to {HEAD}) instead of"
+                    " factored, since peft's merge_and_unload applies a LoRA on tied embeddings twice"
+                )
             self._keep(module, leaf, value)
         elif leaf == "weight" and factorable and value.dim() == 2 and same_shape:
             self._factor(module, kind, value.float() - base.float(), value.dtype)
@@ -112,9 +127,14 @@ class AdapterBuilder:
     def finish(self) -> dict[str, object]:
         """Attach biases, collect modules_to_save; returns the adapter_config.json content."""
         ranks = {m: r.rank for m, r in self.report.items() if r.kind != "full" and r.rank > 0}
-        lora_bias = False
+        lora_bias, bias = False, "none"
+        # peft refuses lora_bias when any adapted layer is an Embedding: save those biases whole instead
+        embedding_lora = any(self.report[m].kind == "embedding" for m in ranks)
         for module, (delta, value) in self.biases.items():
-            if module in ranks:
+            if module in ranks and embedding_lora:
+                self.tensors[f"{PREFIX}{module}.base_layer.bias"] = value
+                bias = "lora_only"
+            elif module in ranks:
                 self.tensors[f"{PREFIX}{module}.lora_B.bias"] = delta.to(self._dtype(module))
                 lora_bias = True
             else:  # the layer's weight is unchanged or kept whole: keep the bias whole too
@@ -122,6 +142,9 @@ class AdapterBuilder:
         for module, parts in self.full.items():
             for leaf, value in parts.items():
                 self.tensors[f"{PREFIX}{module}.{leaf}"] = value
+        tie = [m for m in self.full if "weight" in self.full[m] and self.is_tied_embedding(m)]
+        if tie:  # the head is saved as the same tensor, and ensure_weight_tying keeps the two tied in peft
+            self.tensors[f"{PREFIX}{HEAD}.weight"] = self.full[tie[0]]["weight"].clone()
         if not ranks and not self.full:
             raise MergeError("the two models are identical on every selected tensor: there is nothing to extract")
         r = max(ranks.values(), default=1)
@@ -134,10 +157,11 @@ class AdapterBuilder:
             "rank_pattern": lows,
             "alpha_pattern": dict(lows),
             "target_modules": self._targets(set(ranks)),
-            "modules_to_save": sorted(self.full) or None,
+            "modules_to_save": sorted(self.full) + ([HEAD] if tie else []) or None,
+            "ensure_weight_tying": bool(tie),
             "fan_in_fan_out": self.conv1d,
             "lora_bias": lora_bias,
-            "bias": "none",
+            "bias": bias,
             "use_rslora": False,
             "use_dora": False,
             "lora_dropout": 0.0,

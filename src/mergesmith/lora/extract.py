@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
-from mergesmith.lora.kinds import module_kinds
+from mergesmith.lora.kinds import module_kinds, ties_head
 from mergesmith.output.staging import StagedOutput
-from mergesmith.sources import arch
 from mergesmith.sources.model import load_model_info
 from mergesmith.sources.reader import open_source
 from mergesmith.sources.refs import parse_ref
@@ -62,7 +61,7 @@ def extract_lora(
     staged.check()
     ft_ref, base_ref = parse_ref(model, "--model"), parse_ref(base_model, "--base-model")
     ft, base = load_model_info(ft_ref, cache_dir), load_model_info(base_ref, cache_dir)
-    builder = AdapterBuilder(options, module_kinds(base.config))
+    builder = AdapterBuilder(options, module_kinds(base.config), tied=ties_head(base.config, base.tensors))
     ft_source, base_source = open_source(ft), open_source(base)
     directory = staged.begin()
     try:
@@ -79,22 +78,10 @@ def extract_lora(
     except BaseException:
         staged.discard()
         raise
-    warnings = tied_embedding_warnings(base.config, base.tensors, reports)
+    warnings = builder.warnings
     for w in warnings:
         log.warning(w)
     return ExtractSummary(staged.out, reports, builder.skipped, time.perf_counter() - start, warnings)
-
-
-def tied_embedding_warnings(config: dict, tensors: dict, reports: list[ModuleReport]) -> list[str]:
-    """peft keeps a tied output head on the base embedding when the embedding is adapted or saved."""
-    tied = config.get("tie_word_embeddings", True) and not any(arch.is_lm_head(n) for n in tensors)
-    changed = [r.module for r in reports if arch.is_embedding(r.module) and "wpe" not in r.module]
-    if not tied or not changed:
-        return []
-    return [
-        f"the base ties its output head to '{changed[0]}'; peft applies the adapter to the input embedding only,"
-        " so the head keeps the base embedding (exclude it with -e, or compare outputs before publishing)"
-    ]
 
 
 def readme(model: str, base: str, command_line: str) -> str:

@@ -1,5 +1,7 @@
 """`base+adapter` references: the base's metadata with the adapter bound to it, read through a
-LoraSource. With `--lora-merge-cache DIR` the applied model is also written to DIR once and reused."""
+LoraSource. With `--lora-merge-cache DIR` the applied model is also written to DIR once and reused.
+With `--lora-merge-dtype S` every floating tensor of base+adapter is read (and cached) in dtype S, the
+adapter applied in float32 and the result rounded to S, as mergekit materialises in that dtype."""
 
 from __future__ import annotations
 
@@ -7,27 +9,47 @@ import re
 import zlib
 from pathlib import Path
 
+from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import load_adapter
 from mergesmith.lora.source import LoraSource, bind
 from mergesmith.sources.model import ModelInfo, TensorMeta
 from mergesmith.sources.refs import ModelRef
 
+MERGE_DTYPES = {"bfloat16", "float16", "float32", "float64"}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
-def load_lora_model_info(ref: ModelRef, cache_dir: str | None = None, merge_cache: str | None = None) -> ModelInfo:
+
+def merge_dtype(text: str | None) -> str | None:
+    """The canonical name of a `--lora-merge-dtype` value (None: keep the base's dtypes)."""
+    if text is None:
+        return None
+    name = DTYPE_ALIASES.get(text.lower().removeprefix("torch."), text.lower().removeprefix("torch."))
+    if name not in MERGE_DTYPES:
+        raise MergeError(f"unknown dtype '{text}'; use one of {sorted(MERGE_DTYPES)}", "--lora-merge-dtype")
+    return name
+
+
+def load_lora_model_info(
+    ref: ModelRef, cache_dir: str | None = None, merge_cache: str | None = None, dtype: str | None = None
+) -> ModelInfo:
     from mergesmith.sources.model import load_model_info
 
     assert ref.lora is not None
+    dtype = merge_dtype(dtype)
     base = load_model_info(ModelRef(ref.path, ref.revision, None, ref.override_architecture), cache_dir)
     adapter = load_adapter(ref.lora, cache_dir)
     bound = bind(adapter, base)
-    info = ModelInfo(
-        ref=ref, directory=base.directory, config=base.config, tensors=bound.metas(base.tensors), format=base.format
-    )
+    metas = bound.metas(base.tensors)
+    if dtype is not None:
+        metas = {
+            n: TensorMeta(m.shape, dtype if m.dtype in MERGE_DTYPES else m.dtype, m.file) for n, m in metas.items()
+        }
+    info = ModelInfo(ref=ref, directory=base.directory, config=base.config, tensors=metas, format=base.format)
     info._extra.update(base._extra)
-    info._extra["lora"] = (base, bound)
+    info._extra["lora"] = (base, bound, dtype)
     if merge_cache is None:
         return info
-    target = Path(merge_cache).expanduser() / cache_name(ref)
+    target = Path(merge_cache).expanduser() / (cache_name(ref) + (f"_{dtype}" if dtype else ""))
     if not (target / "model.safetensors").exists() and not (target / "model.safetensors.index.json").exists():
         materialise(info, target)
     cached = load_model_info(ModelRef(str(target)), cache_dir)
@@ -50,8 +72,8 @@ def cache_name(ref: ModelRef) -> str:
 def lora_source(info: ModelInfo) -> LoraSource:
     from mergesmith.sources.reader import TensorReader
 
-    base, bound = info._extra["lora"]
-    return LoraSource(TensorReader(base), bound)
+    base, bound, dtype = info._extra["lora"]
+    return LoraSource(TensorReader(base), bound, dtype)
 
 
 def materialise(info: ModelInfo, target: Path) -> None:

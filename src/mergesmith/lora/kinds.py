@@ -46,3 +46,8 @@ def kind_of(module: str, shape: tuple[int, ...], kinds: dict[str, str]) -> str:
     if len(shape) != 2:
         return "other"
     return "embedding" if arch.is_embedding(module) and not arch.is_lm_head(module) else "linear"
+
+
+def ties_head(config: dict[str, Any], tensors: dict[str, Any]) -> bool:
+    """The output head is the input embedding: tied in the config and no head tensor of its own."""
+    return bool(config.get("tie_word_embeddings", True)) and not any(arch.is_lm_head(n) for n in tensors)

@@ -7,21 +7,37 @@ space and only the final difference is truncated.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergesmith.engine.executor import Executor
 from mergesmith.errors import MergeError
-from mergesmith.lora.builder import AdapterBuilder, ExtractOptions
-from mergesmith.lora.kinds import module_kinds
+from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
+from mergesmith.lora.card import adapter_card, report_summary
+from mergesmith.lora.kinds import module_kinds, ties_head
 from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, prepare
+from mergesmith.output import model_files
 from mergesmith.output.staging import StagedOutput
-from mergesmith.plan import OutputTensor, Plan
+from mergesmith.plan import OutputTensor, Plan, referenced_models
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import load_model_info
 from mergesmith.sources.reader import TensorReader, open_sources
 from mergesmith.sources.refs import ModelRef, parse_ref
+
+log = logging.getLogger("mergesmith")
+
+
+@dataclass
+class AdapterSummary(MergeSummary):
+    """The run summary, with the adapter's per-module report on the same line."""
+
+    reports: list[ModuleReport] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{super().line()}; adapter: {report_summary(self.reports)}"
 
 
 def run_merge_as_lora(
@@ -34,7 +50,7 @@ def run_merge_as_lora(
     energy: float | None,
     progress: Callable[[OutputTensor], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
-) -> MergeSummary:
+) -> AdapterSummary:
     start = time.perf_counter()
     if config.base_model is None:
         raise MergeError("--as-lora writes an adapter of the base model; the recipe needs 'base_model'", "base_model")
@@ -50,7 +66,9 @@ def run_merge_as_lora(
     if missing:
         raise MergeError(f"--as-lora needs every output tensor in the base model; it lacks {missing[:3]}", "base_model")
     builder = AdapterBuilder(
-        ExtractOptions(max_rank=rank or 1 << 30, energy=energy, device=options.device), module_kinds(base.config)
+        ExtractOptions(max_rank=rank or 1 << 30, energy=energy, device=options.device),
+        module_kinds(base.config),
+        tied=ties_head(base.config, base.tensors),
     )
     reader = TensorReader(base)
     directory = staged.begin()
@@ -60,19 +78,29 @@ def run_merge_as_lora(
         )
         executor.run(lambda name, value: builder.add(name, value, reader.get(name)), progress)
         reports = builder.save(directory, str(plain))
+        files = ["adapter_model.safetensors", "adapter_config.json", "lora_report.json", "mergesmith_config.yml"]
         (directory / "mergesmith_config.yml").write_text(recipe_text)
+        if options.copy_tokenizer:
+            files += model_files.copy_tokenizer(directory, base.directory)
+        if options.write_model_card:
+            summary = report_summary(reports)
+            refs = referenced_models(config)
+            card = adapter_card(Path(out).name, config.merge_method, plain, refs, recipe_text, summary)
+            (directory / "README.md").write_text(card)
+            files.append("README.md")
         staged.commit()
     except BaseException:
         staged.discard()
         raise
-    worst = max((r.error for r in reports if r.kind != "full"), default=0.0)
-    warnings = [*plan.warnings, f"adapter: {len(reports)} modules, worst relative error {worst:.3e}"]
-    return MergeSummary(
+    for w in builder.warnings:
+        log.warning(w)
+    return AdapterSummary(
         out=staged.out,
-        files=["adapter_model.safetensors", "adapter_config.json", "lora_report.json"],
+        files=files,
         seconds=time.perf_counter() - start,
         bytes_read=plan.bytes_read,
         bytes_written=(staged.out / "adapter_model.safetensors").stat().st_size,
         peak_rss=peak_rss_bytes(),
-        warnings=warnings,
+        warnings=[*plan.warnings, *builder.warnings],
+        reports=reports,
     )

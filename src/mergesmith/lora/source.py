@@ -10,6 +10,7 @@ import torch
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import Adapter, LoraModule
 from mergesmith.lora.algebra import dora, lora_delta
+from mergesmith.sources import arch
 from mergesmith.sources.model import ModelInfo, TensorMeta
 
 
@@ -54,6 +55,8 @@ def bind(adapter: Adapter, base: ModelInfo) -> BoundAdapter:
     replacements: dict[str, str] = {}
     for name, key in adapter.replacements.items():
         found = resolve_name(name, base.tensors)
+        if found is None and arch.is_lm_head(name) and not any(arch.is_lm_head(n) for n in base.tensors):
+            continue  # a tied head saved beside its embedding (ensure_weight_tying): the embedding carries it
         if found is None:
             raise MergeError(f"the adapter replaces '{name}', which base model '{base.ref}' does not have", where)
         replacements[found] = key
@@ -100,15 +103,20 @@ def bind(adapter: Adapter, base: ModelInfo) -> BoundAdapter:
 class LoraSource:
     """Reads the base through `base` and applies the bound adapter to exactly the tensors it targets."""
 
-    def __init__(self, base: object, bound: BoundAdapter) -> None:
+    def __init__(self, base: object, bound: BoundAdapter, dtype: str | None = None) -> None:
         self.base = base
         self.bound = bound
+        self.dtype = getattr(torch, dtype) if dtype else None  # --lora-merge-dtype: every float tensor in it
+
+    def get(self, name: str) -> torch.Tensor:
+        value = self._applied(name)
+        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
 
     def _original(self, name: str) -> torch.Tensor:
         key = self.bound.replacements.get(name)
         return self.bound.adapter.get(key) if key is not None else self.base.get(name)  # type: ignore[attr-defined]
 
-    def get(self, name: str) -> torch.Tensor:
+    def _applied(self, name: str) -> torch.Tensor:
         target = self.bound.targets.get(name)
         original = self._original(name)
         if target is None:

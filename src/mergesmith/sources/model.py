@@ -194,11 +194,16 @@ def load_bin(path: Path) -> dict[str, Any]:
     return sd
 
 
-def load_model_info(ref: ModelRef, cache_dir: str | None = None, lora_merge_cache: str | None = None) -> ModelInfo:
+def load_model_info(
+    ref: ModelRef,
+    cache_dir: str | None = None,
+    lora_merge_cache: str | None = None,
+    lora_merge_dtype: str | None = None,
+) -> ModelInfo:
     if ref.lora is not None:  # base+adapter: the base's metadata, read through the adapter
         from mergesmith.lora.inputs import load_lora_model_info
 
-        return load_lora_model_info(ref, cache_dir, lora_merge_cache)
+        return load_lora_model_info(ref, cache_dir, lora_merge_cache, lora_merge_dtype)
     directory = resolve_directory(ref, cache_dir)
     config_path = directory / "config.json"
     config = read_json(config_path) if config_path.exists() else {}
