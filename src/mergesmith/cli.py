@@ -121,6 +121,35 @@ def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def merge_options(opts: dict[str, Any]) -> Any:
+    """MergeOptions from the merge flags shared by `run` and the commands that merge (multi, legacy, ...)."""
+    from mergesmith.merge import MergeOptions
+
+    device = opts.get("device") or ("cuda" if opts.get("cuda") or opts.get("gpu_rich") else "cpu")
+    if device == "auto" or device.startswith("cuda"):
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif not torch.cuda.is_available():
+            raise MergeError("--cuda was given but no CUDA device is available to torch", "--cuda")
+    return MergeOptions(
+        device=device,
+        out_shard_size=parse_size(opts.get("out_shard_size") or "5B"),
+        copy_tokenizer=opts.get("copy_tokenizer", True),
+        write_model_card=opts.get("write_model_card", True),
+        random_seed=opts.get("random_seed"),
+        overwrite=opts.get("overwrite", False),
+        transformers_cache=opts.get("transformers_cache"),
+        safe_serialization=opts.get("safe_serialization", True),
+        trust_remote_code=opts.get("trust_remote_code", False),
+        lora_merge_cache=opts.get("lora_merge_cache"),
+        lora_merge_dtype=opts.get("lora_merge_dtype"),
+        resume=opts.get("resume", False),
+        allow_nonfinite=opts.get("allow_nonfinite", False),
+    )
+
+
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False), required=False)
@@ -154,7 +183,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     Example:
       mergesmith run recipe.yml ./merged --cuda --out-shard-size 2B
     """
-    from mergesmith.merge import MergeOptions, run_merge
+    from mergesmith.merge import run_merge
     from mergesmith.recipe.schema import load_config
 
     setup_logging(opts["verbose"])
@@ -168,31 +197,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
 
         torch.set_num_threads(opts["num_threads"])
     config, text = load_config(config_file)
-    device = opts["device"] or ("cuda" if opts["cuda"] or opts["gpu_rich"] else "cpu")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MergeError("--cuda was given but no CUDA device is available to torch", "--cuda")
-    options = MergeOptions(
-        device=device,
-        out_shard_size=parse_size(opts["out_shard_size"]),
-        copy_tokenizer=opts["copy_tokenizer"],
-        write_model_card=opts["write_model_card"],
-        random_seed=opts["random_seed"],
-        overwrite=opts["overwrite"],
-        transformers_cache=opts["transformers_cache"],
-        safe_serialization=opts["safe_serialization"],
-        trust_remote_code=opts["trust_remote_code"],
-        lora_merge_cache=opts["lora_merge_cache"],
-        lora_merge_dtype=opts["lora_merge_dtype"],
-        resume=opts["resume"],
-        allow_nonfinite=opts["allow_nonfinite"],
-    )
+    options = merge_options(opts)
     if out_path is None:
         raise click.UsageError("OUT_PATH is required unless --dry-run is given")
     if opts["push_to_hub"]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import main, parse_size, setup_logging, tuning_flags, user_errors
-from mergesmith.errors import MergeError
+from mergesmith.cli import main, setup_logging, tuning_flags, user_errors
+from mergesmith.cli import merge_options as cli_merge_options
 
 MERGE_FLAGS = [
     click.option("--cuda/--no-cuda", default=False, help="Run the arithmetic on the GPU."),
@@ -35,28 +35,8 @@ def merge_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def merge_options(opts: dict[str, Any]) -> Any:
-    from mergesmith.merge import MergeOptions
-
     setup_logging(opts.get("verbose", 0))
-    device = opts.get("device") or ("cuda" if opts.get("cuda") or opts.get("gpu_rich") else "cpu")
-    if device == "auto" or device.startswith("cuda"):
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif not torch.cuda.is_available():
-            raise MergeError("--cuda was given but no CUDA device is available to torch", "--cuda")
-    return MergeOptions(
-        device=device,
-        out_shard_size=parse_size(opts.get("out_shard_size", "5B")),
-        copy_tokenizer=opts.get("copy_tokenizer", True),
-        write_model_card=opts.get("write_model_card", True),
-        random_seed=opts.get("random_seed"),
-        overwrite=opts.get("overwrite", False),
-        transformers_cache=opts.get("transformers_cache"),
-        safe_serialization=opts.get("safe_serialization", True),
-        trust_remote_code=opts.get("trust_remote_code", False),
-    )
+    return cli_merge_options(opts)
 
 
 @main.command()
