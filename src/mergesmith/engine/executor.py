@@ -25,6 +25,8 @@ from mergesmith.sources.reader import TensorSource
 
 #: Float values per chunk of an element-wise merge (16 MiB of float32 per input).
 CHUNK_ELEMENTS = 1 << 22
+#: Values per chunk of a pure copy (written straight from the input file's mapped pages).
+COPY_ELEMENTS = 1 << 23
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -78,12 +80,15 @@ class _Writer:
 
     SLOTS = 3
 
-    def __init__(self, write_at: Callable[[str, int, torch.Tensor], None]) -> None:
+    def __init__(
+        self, write_at: Callable[[str, int, torch.Tensor], None], release: Callable[[torch.Tensor], None]
+    ) -> None:
         self.write_at = write_at
+        self.release = release  # for chunks that are views of an input file (pure copies)
         self.free: queue.Queue[Buffers] = queue.Queue()
         for _ in range(self.SLOTS):
             self.free.put(Buffers(torch.device("cpu")))
-        self.jobs: queue.Queue[tuple[str, int, torch.Tensor, Buffers] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[str, int, torch.Tensor, Buffers | None] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="mergesmith-writer")
         self.thread.start()
@@ -96,14 +101,17 @@ class _Writer:
                     self.write_at(name, offset, tensor)
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
-            self.free.put(slot)
+            if slot is None:
+                self.release(tensor)
+            else:
+                self.free.put(slot)
 
     def slot(self) -> Buffers:
         if self.error is not None:
             raise self.error
         return self.free.get()
 
-    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers) -> None:
+    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers | None) -> None:
         self.jobs.put((name, offset, tensor, slot))
 
     def finish(self) -> None:
@@ -167,10 +175,27 @@ class Executor:
             flat[start : start + part.numel()].copy_(part.reshape(-1))
         return out
 
+    def _pure_copy(self, t: OutputTensor, raw: list[torch.Tensor]) -> bool:
+        """A passthrough of one input, unscaled, whose dtype (and the recipe's) is the output's, read
+        from a mapped file: no float32 round trip, the writer copies the file's bytes."""
+        if t.method != "passthrough" or len(raw) != 1 or any(s != 1.0 for s in t.per_model.get("scale", ())):
+            return False
+        x = raw[0]
+        same = x.dtype == torch_dtype(t.dtype) and (self.dtype is None or self.dtype == x.dtype)
+        return same and tuple(x.shape) == t.shape and x.is_contiguous() and self.files.maps(x)
+
     def _parts(self, t: OutputTensor, target: Callable[[tuple[int, ...]], torch.Tensor]):
         """Yield (byte offset, output chunk) for `t`; chunks are cast into `target(shape)` buffers."""
         raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
         out_dtype = torch_dtype(t.dtype)
+        if self._pure_copy(t, raw):  # the input's bytes are the output's: no float32 round trip
+            flat = raw[0].reshape(-1)
+            for start in range(0, flat.numel(), COPY_ELEMENTS):
+                part = flat[start : start + COPY_ELEMENTS]
+                dest = target((part.numel(),))
+                self.files.read_into(part, dest)
+                yield start * flat.element_size(), dest
+            return
         if not raw[0].is_floating_point():
             src = raw[t.base if t.base is not None else 0]
             if self.dtype is not None and src.dtype != self.dtype and src.is_floating_point():
@@ -213,7 +238,7 @@ class Executor:
                 if progress is not None:
                     progress(t)
             return
-        writer = _Writer(write_at)
+        writer = _Writer(write_at, self.files.release)
         try:
             for t in self.plan.tensors:
                 out_dtype = torch_dtype(t.dtype)
@@ -224,7 +249,7 @@ class Executor:
                     return slot[-1].get(0, shape, dt)
 
                 for offset, part in self._parts(t, target):
-                    writer.put(t.name, offset, part, slot[-1])
+                    writer.put(t.name, offset, part, slot.pop() if slot else None)  # no slot: a file view
                 if progress is not None:
                     progress(t)
         finally:
