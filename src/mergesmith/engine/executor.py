@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from mergesmith.engine.mapped import MappedFiles, read_views
+from mergesmith.engine.memory import keep_freed_memory
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.methods.sparsify import sample_blocks
@@ -285,6 +286,7 @@ class Executor:
                     progress(t)
             return
         writer = _Writer(write_at, self.files.release)
+        keep_freed_memory()
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
             # One intra-op thread: the writer and hashing threads need the other cores, and idle

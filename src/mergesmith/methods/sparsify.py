@@ -213,7 +213,11 @@ class _TopK:
                 keep |= equal
                 self.missing -= count
             elif count:
-                first = torch.nonzero(equal.reshape(-1)).reshape(-1)[: self.missing]
+                flat = equal.reshape(-1)
+                if flat.device.type == "cpu":
+                    first = torch.from_numpy(np.flatnonzero(flat.numpy())[: self.missing])
+                else:
+                    first = torch.nonzero(flat).reshape(-1)[: self.missing]
                 keep.reshape(-1)[first] = True
                 self.missing = 0
         return keep

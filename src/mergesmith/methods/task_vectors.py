@@ -96,14 +96,18 @@ def merge_task_vectors(
         elected = sign_consensus(deltas)
         divisor = torch.zeros_like(base) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
-            keep_agreeing(d, elected)  # sign(d) == elected; d == 0 never agrees
+            d.mul_(elected).clamp_(min=0)  # > 0 where sign(d) == elected; d == 0 never agrees
             if divisor is not None:
-                divisor.add_(d != 0, alpha=w)
+                divisor.add_(torch.sign(d), alpha=w)  # sign: 1 where it agrees, else 0
+            d.mul_(elected)
         combined = deltas[0]
         for d in deltas[1:]:
             combined.add_(d)
         if divisor is not None:
-            divisor.masked_fill_(divisor == 0, 1.0)
+            if min(weights) > 0:  # a zero divisor means nothing agreed (combined is 0 there): any floor works
+                divisor.clamp_(min=min(weights) / 2)
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
     else:
         combined = deltas[0]
         for d in deltas[1:]:
