@@ -68,7 +68,7 @@ class Buffers:
         n = 1
         for s in shape:
             n *= s
-        nbytes = max(n * torch.empty((), dtype=dtype).element_size(), 1)
+        nbytes = max(n * dtype.itemsize, 1)
         buf = self._store.get(slot)
         if buf is None or buf.numel() < nbytes:
             self._store.pop(slot, None)
