@@ -9,6 +9,7 @@ Shards are split like mergekit's: a shard is closed before a tensor that would p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -163,6 +164,7 @@ class ShardWriter:
             data_start = 8 + len(shard.header)
             self._pwrite(fd, len(shard.header).to_bytes(8, "little") + shard.header, 0, path)
             os.ftruncate(fd, shard.size)
+            self._reserve(fd, shard.size, path)
             for slot in shard.slots:
                 self._where[slot.name] = (
                     i,
@@ -183,6 +185,20 @@ class ShardWriter:
         """True while shard `file` is written in order, so `on_hashed` will report its digest."""
         i = next(k for k, s in enumerate(self.shards) if s.file == file)
         return self._hasher.in_order(i)
+
+    @staticmethod
+    def _reserve(fd: int, size: int, path: Path) -> None:
+        """Allocate the shard's blocks up front: writing into allocated blocks is several times faster
+        than into a sparse file on ext4 (measured 0.34 s vs 1.3-5 s for 2.2 GB), and a full disk
+        shows now rather than midway."""
+        if not hasattr(os, "posix_fallocate") or size <= 0:
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise MergeError(f"not enough disk space for the output ({size / 1e9:.2f} GB)", str(path)) from None
+            # other errors (a file system without fallocate): write into the sparse file
 
     @staticmethod
     def _pwrite(fd: int, data: bytes | memoryview, offset: int, path: Path | str) -> None:
