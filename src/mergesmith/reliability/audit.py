@@ -100,6 +100,8 @@ class Audit:
             self.checked += 1
 
     def _scan(self, name: str, values: torch.Tensor) -> None:
+        if values.is_floating_point() and bool(torch.isfinite(values.sum())):
+            return  # a finite sum in the tensor's own dtype: every value is finite (4x cheaper for bf16)
         bad = nonfinite_count(values)
         if not bad:
             return
