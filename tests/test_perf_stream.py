@@ -94,3 +94,21 @@ def test_unlucky_sample_observes_again(monkeypatch):
     pruner.observe(delta.clone(), 0)
     assert pruner.finish()
     assert torch.equal(pruner.apply(delta.clone(), 0), delta * (delta >= 2048))
+
+
+def test_shard_digests_while_writing_equal_the_files(tmp_path):
+    """The writer's incremental SHA-256 (for the resume journal) is the hash of the finished file."""
+    from mergesmith.output.shards import ShardWriter, layout_shards
+    from mergesmith.reliability.resume import file_sha256
+
+    tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(6)}
+    shards = layout_shards([(n, "float32", tuple(t.shape)) for n, t in tensors.items()], 4000)
+    writer = ShardWriter(tmp_path, shards)
+    got = {}
+    writer.on_hashed = lambda shard, digest: got.__setitem__(shard.file, digest)
+    for name, t in tensors.items():
+        writer.write_at(name, 0, t[:50])
+        writer.write_at(name, 50 * 3 * 4, t[50:])
+    files = writer.close()
+    assert len(files) > 1 and sorted(got) == sorted(files)
+    assert all(got[f] == file_sha256(tmp_path / f) for f in files)

@@ -56,12 +56,6 @@ def sign_consensus(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.sign_().add_(0.5).sign_()  # -1, 0, +1 -> -1, +1, +1 (three cheap passes, no `where`)
 
 
-def keep_agreeing(d: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
-    """Zero the elements of `d` whose sign is not `elected` (+1/-1), and its zeros, in place:
-    d * s > 0 exactly where they agree, so d <- s * max(d * s, 0)."""
-    return d.mul_(elected).clamp_(min=0).mul_(elected)
-
-
 def merge_task_vectors(
     xs: list[torch.Tensor],
     base: torch.Tensor,
@@ -96,7 +90,7 @@ def merge_task_vectors(
         elected = sign_consensus(deltas)
         divisor = torch.zeros_like(base) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
-            d.mul_(elected).clamp_(min=0)  # > 0 where sign(d) == elected; d == 0 never agrees
+            d.mul_(elected).clamp_(min=0)  # d * s > 0 where sign(d) == elected (0 never agrees): d <- s max(d s, 0)
             if divisor is not None:
                 divisor.add_(torch.sign(d), alpha=w)  # sign: 1 where it agrees, else 0
             d.mul_(elected)
