@@ -30,12 +30,25 @@ class TensorRNG:
         key = np.frombuffer(digest, dtype=np.uint64)
         return np.random.Generator(np.random.Philox(key=key))
 
+    def words(self, start: int, count: int, stream: int) -> np.ndarray:
+        """Raw 32-bit words `start` .. `start + count` of a stream: the generator is positioned with
+        Philox's `advance` (4 64-bit words, 8 of ours, per step), so any chunk of a tensor's draws
+        costs only its own length, and chunked draws equal whole ones."""
+        gen = self._generator(stream).bit_generator
+        gen.advance(start // 8)
+        skip = start % 8
+        return gen.random_raw((skip + count + 1) // 2).view(np.uint32)[skip : skip + count]
+
     def uniform(
-        self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None
+        self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None, start: int = 0
     ) -> torch.Tensor:
-        """Float32 uniform draws in [0, 1) for `shape`."""
-        values = self._generator(stream).random(size=tuple(shape), dtype=np.float32)
-        out = torch.from_numpy(values)
+        """Float32 uniform draws in [0, 1) for `shape` (from draw `start` on): NumPy's
+        `random(dtype=float32)`, (u >> 8) * 2**-24 of the raw words u."""
+        n = 1
+        for s in shape:
+            n *= s
+        values = (self.words(start, n, stream) >> np.uint32(8)).astype(np.float32) * np.float32(2**-24)
+        out = torch.from_numpy(values).view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
 
     def keep_mask(
@@ -44,6 +57,7 @@ class TensorRNG:
         p: float | torch.Tensor,
         stream: int,
         device: torch.device | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor).
 
@@ -52,7 +66,7 @@ class TensorRNG:
         rounded to float32: the same mask, without the float conversion pass.
         """
         if isinstance(p, torch.Tensor):
-            return self.uniform(shape, stream, device) < p
+            return self.uniform(shape, stream, device, start) < p
         n = 1
         for s in shape:
             n *= s
@@ -60,6 +74,5 @@ class TensorRNG:
         if cut <= 0 or cut >= 2**24:
             out = torch.full(tuple(shape), cut > 0, dtype=torch.bool)
         else:
-            words = self._generator(stream).bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
-            out = torch.from_numpy(words < np.uint32(cut << 8)).view(tuple(shape))
+            out = torch.from_numpy(self.words(start, n, stream) < np.uint32(cut << 8)).view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ class MappedFiles:
 
     def __init__(self) -> None:
         self._files: dict[Path, tuple[np.memmap, int, dict] | None] = {}
+        self._fds: dict[Path, int] = {}
 
     def _open(self, path: Path) -> tuple[np.memmap, int, dict] | None:
         if path not in self._files:
@@ -42,12 +44,42 @@ class MappedFiles:
                 self._files[path] = None
         return self._files[path]
 
+    def _where(self, t: torch.Tensor) -> tuple[Path, int] | None:
+        start = t.data_ptr()
+        for path, opened in list(self._files.items()):
+            if opened is not None and opened[0].ctypes.data <= start < opened[0].ctypes.data + opened[0].nbytes:
+                return path, start - opened[0].ctypes.data
+        return None
+
+    def maps(self, t: torch.Tensor) -> bool:
+        """True when `t` is a view of one of the mapped files."""
+        return self._where(t) is not None
+
+    def read_into(self, t: torch.Tensor, dest: torch.Tensor) -> None:
+        """Copy the bytes of `t` (a contiguous view of a mapped file) into `dest` with pread: a copy
+        from the page cache into memory we own, without faulting the file's pages into this process."""
+        where = self._where(t)
+        assert where is not None and t.is_contiguous() and dest.is_contiguous()
+        path, offset = where
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        view = memoryview(dest.view(-1).view(torch.uint8).numpy())
+        n = t.numel() * t.element_size()
+        assert view.nbytes == n
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"short read from {path}")
+            done += got
+
     def release(self, t: torch.Tensor) -> None:
         """Drop the mapped pages under `t` from this process (the page cache keeps them), so reading
         a whole model through the map does not pile up in the resident set."""
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
-        for opened in self._files.values():
+        for opened in list(self._files.values()):  # list(): the writer thread releases too
             if opened is None:
                 continue
             mm = opened[0]

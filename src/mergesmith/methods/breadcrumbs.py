@@ -6,7 +6,7 @@ import torch
 
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -29,6 +29,7 @@ def breadcrumbs(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """Of n = numel elements of x_i - b keep floor(density_i n), dropping the floor(gamma_i n) largest |delta|
     and the smallest; y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
@@ -39,7 +40,8 @@ def breadcrumbs(
         normalize=normalize,
         lambda_=lambda_,
         consensus=False,
-        sparsify=lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale),
+        prune=lambda i: sparsify.Outliers(density[i], gamma[i], rescale),
+        stream=stream,
     )
 
 
@@ -61,6 +63,7 @@ def breadcrumbs_ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """Breadcrumbs sparsification, D_i = w_i delta~_i, sigma = sign(sum_i D_i);
     y = b + lambda * sum_i [sign D_i = sigma] D_i [/ sum_i [sign D_i = sigma] w_i if normalize]."""
@@ -71,5 +74,6 @@ def breadcrumbs_ties(
         normalize=normalize,
         lambda_=lambda_,
         consensus=True,
-        sparsify=lambda d, i: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale),
+        prune=lambda i: sparsify.Outliers(density[i], gamma[i], rescale),
+        stream=stream,
     )

@@ -6,7 +6,7 @@ import torch
 
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
 from mergesmith.rng import TensorRNG
 
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
@@ -31,6 +31,7 @@ def della(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """Keep delta_i elements with p = density - eps + 2 eps rank/(n-1) (rank of |delta| in its row);
     D_i = w_i delta~_i, sigma = sign(sum_i D_i); y = b + lambda * sum_i M_i D_i / sum_i M_i w_i."""
@@ -41,7 +42,8 @@ def della(
         normalize=normalize,
         lambda_=lambda_,
         consensus=True,
-        sparsify=lambda d, i: sparsify.della_magprune(d, density[i], epsilon[i], rng, i, rescale),
+        prune=lambda i: sparsify.MagPrune(density[i], epsilon[i], rng, i, rescale),
+        stream=stream,
     )
 
 
@@ -64,6 +66,7 @@ def della_linear(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """DELLA sparsification, then y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
     return merge_task_vectors(
@@ -73,5 +76,6 @@ def della_linear(
         normalize=normalize,
         lambda_=lambda_,
         consensus=False,
-        sparsify=lambda d, i: sparsify.della_magprune(d, density[i], epsilon[i], rng, i, rescale),
+        prune=lambda i: sparsify.MagPrune(density[i], epsilon[i], rng, i, rescale),
+        stream=stream,
     )

@@ -80,6 +80,7 @@ class MergeMethod:
     paper: str | None = None
     pretty: str = ""
     uses_rng: bool = False
+    streams: bool = False  # takes `stream` (task_vectors.Streaming): the engine may run it in row chunks
     formula: str = field(default="", repr=False)
 
     @property
@@ -90,11 +91,13 @@ class MergeMethod:
     def per_model_params(self) -> dict[str, Param]:
         return {k: p for k, p in self.params.items() if p.per_model}
 
-    def __call__(self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None) -> Any:
+    def __call__(self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None, stream: Any = None) -> Any:
         """Apply to tensors with recipe-named, already resolved `params`."""
         kwargs = {self.params[k].arg: v for k, v in params.items() if k in self.params}
         if self.uses_rng:
             kwargs["rng"] = rng
+        if stream is not None:
+            kwargs["stream"] = stream
         return self.fn(list(xs), base, **kwargs)
 
 
@@ -115,12 +118,15 @@ def merge_method(
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)
         params: dict[str, Param] = {}
-        uses_rng = False
+        uses_rng = streams = False
         for p in inspect.signature(fn).parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 continue
             if p.name == "rng":
                 uses_rng = True
+                continue
+            if p.name == "stream":
+                streams = True
                 continue
             hint = hints.get(p.name, float)
             per_model = hint == PerModel
@@ -140,6 +146,7 @@ def merge_method(
             paper=paper,
             pretty=pretty or name.replace("_", " ").title(),
             uses_rng=uses_rng,
+            streams=streams,
             formula=inspect.cleandoc(fn.__doc__ or ""),
         )
         if name in METHODS:

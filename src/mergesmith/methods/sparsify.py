@@ -3,10 +3,20 @@
 Each takes a delta and returns it sparsified (a new tensor or the input modified in place).
 `rescale` is mergekit's: multiply the survivors by the ratio of L1 norms before/after, so the
 task vector keeps its L1 norm (not the papers' per-element 1/p).
+
+Each sparsifier is a `Pruner` that can also run on a tensor streamed in row chunks: `sample` (a fixed
+strided sample of the whole delta), `observe` every chunk in order (statistics: counts for the exact
+top-k threshold, L1 norms), `finish`, then `apply` every chunk in order. The whole-tensor functions
+below are the same pruners fed one chunk, so chunked and whole results are bit-identical: L1 norms
+are summed per row (NumPy's pairwise sum, the same whatever rows share a chunk) and the row sums
+added exactly (`math.fsum`).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from mergesmith.errors import MergeError
@@ -27,7 +37,7 @@ def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, r).values
-    stride = n // 65536
+    stride = max(1, n // 65536)
     sample = torch.sort(flat[::stride]).values
     m = sample.numel()
     q = r / n * m
@@ -66,76 +76,349 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(values.shape)
 
 
-def l1_rescale(sparse: torch.Tensor, original_l1: float) -> torch.Tensor:
-    kept_l1 = float(sparse.abs().sum())
-    if original_l1 >= 1e-7 and kept_l1 >= 1e-7:
-        sparse.mul_(original_l1 / kept_l1)
-    return sparse
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """`t` as rows: a 1-D (or 0-D) tensor is one row; chunks of a streamed tensor are whole rows."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+def row_l1(t: torch.Tensor) -> list[float]:
+    """Per-row sums of |t|, computed the same way whichever rows are together in `t`."""
+    a = rows_of(t).abs()
+    if a.device.type == "cpu":
+        return np.add.reduce(a.numpy(), axis=1).tolist()
+    return a.sum(dim=1).tolist()
+
+
+#: The fixed sample of a streamed top-k selection: SAMPLE_BLOCKS runs of SAMPLE_RUN values, evenly spread.
+SAMPLE_BLOCKS, SAMPLE_RUN = 16, 4096
+
+
+def sample_blocks(n: int) -> list[tuple[int, int]]:
+    """(start, stop) flat ranges of the sample a streamed top-k selection brackets its threshold with
+    (none for small tensors: all their values are candidates). Contiguous runs, so a streamed tensor
+    reads its sample with a few small reads."""
+    if n <= SMALL or n <= SAMPLE_BLOCKS * SAMPLE_RUN:
+        return []
+    step = (n - SAMPLE_RUN) // (SAMPLE_BLOCKS - 1)
+    return [(j * step, j * step + SAMPLE_RUN) for j in range(SAMPLE_BLOCKS)]
+
+
+class Pruner:
+    """A sparsifier in two passes over a (possibly chunked) delta of `numel` values."""
+
+    numel: int = 0
+    needs_observe = False  # whether `observe` must see every chunk before `apply`
+    streams = True  # False: only whole tensors (the executor then gives it one chunk)
+
+    def setup(self, numel: int) -> None:
+        self.numel = numel
+
+    def sample(self, values: torch.Tensor) -> None:
+        """The deltas at the flat ranges `sample_blocks(numel)`, concatenated."""
+
+    def observe(self, delta: torch.Tensor, start: int) -> None:
+        """Chunk of rows starting at flat element `start` (chunks come in order). `delta` may be clobbered."""
+
+    def finish(self) -> bool:
+        """After every chunk was observed: False asks for one more observe pass."""
+        return True
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        return delta
+
+
+class _TopK:
+    """Exact selection of the `k` largest of `numel` magnitudes, streamed: ties to the lowest index.
+
+    A fixed strided sample of ~64K values brackets the threshold between two of its order statistics
+    (lo, hi); observing counts the values below lo and gathers the few in [lo, hi]; `kthvalue` on
+    those gives the exact threshold t. If the sample was unlucky the bracket opens up on the side
+    that missed and the values are observed again. Masks then keep |d| > t and the first `missing`
+    values equal to t in flat order."""
+
+    def __init__(self, k: int, numel: int) -> None:
+        self.k, self.n = k, numel
+        self.r = numel - k + 1  # t is the r-th smallest
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.threshold = 0.0
+        self.missing = 0
+        self._reset()
+
+    @property
+    def trivial(self) -> bool:
+        return self.k <= 0 or self.k >= self.n
+
+    def _reset(self) -> None:
+        self.below = 0
+        self.candidates: list[torch.Tensor] = []
+
+    def sample(self, magnitudes: torch.Tensor) -> None:
+        sample = torch.sort(magnitudes.reshape(-1)).values
+        m = sample.numel()
+        q = self.r / self.n * m
+        slack = 4.0 * m**0.5 + 2
+        lo_i, hi_i = int(q - slack), int(q + slack)
+        self.lo = float(sample[lo_i]) if lo_i >= 0 else None
+        self.hi = float(sample[hi_i]) if hi_i < m else None
+
+    def observe(self, a: torch.Tensor) -> None:
+        a = a.reshape(-1)
+        if a.device.type == "cpu" and self.lo is not None:  # NumPy's masks and gathers are ~2x torch's here
+            v = a.numpy()
+            inside = v >= np.float32(self.lo)
+            self.below += v.size - int(np.count_nonzero(inside))
+            if self.hi is not None:
+                inside &= v <= np.float32(self.hi)
+            self.candidates.append(torch.from_numpy(v[inside]))
+            return
+        if self.lo is not None:
+            self.below += int(torch.count_nonzero(a < self.lo))
+        if self.lo is not None and self.hi is not None:
+            self.candidates.append(a[(a >= self.lo) & (a <= self.hi)])
+        elif self.lo is not None:
+            self.candidates.append(a[a >= self.lo])
+        elif self.hi is not None:
+            self.candidates.append(a[a <= self.hi])
+        else:
+            self.candidates.append(a.clone())
+
+    def finish(self) -> bool:
+        values = torch.cat(self.candidates) if self.candidates else torch.empty(0)
+        if not self.below < self.r <= self.below + values.numel():  # unlucky sample: open that side
+            if self.r <= self.below:
+                self.lo, self.hi = None, self.lo
+            else:
+                self.lo, self.hi = self.hi, None
+            self._reset()
+            return False
+        t = torch.kthvalue(values, self.r - self.below).values
+        self.threshold = float(t)
+        above = self.n - self.below - int(torch.count_nonzero(values <= t))
+        self.missing = self.k - above
+        self._reset()
+        return True
+
+    def mask(self, a: torch.Tensor) -> torch.Tensor:
+        """Chunk mask of the kept magnitudes `a` (chunks in order)."""
+        if self.k <= 0:
+            return torch.zeros_like(a, dtype=torch.bool)
+        if self.k >= self.n:
+            return torch.ones_like(a, dtype=torch.bool)
+        keep = a > self.threshold
+        if self.missing > 0:
+            equal = a == self.threshold
+            count = int(torch.count_nonzero(equal))
+            if count <= self.missing:
+                keep |= equal
+                self.missing -= count
+            elif count:
+                flat = equal.reshape(-1)
+                if flat.device.type == "cpu":
+                    first = torch.from_numpy(np.flatnonzero(flat.numpy())[: self.missing])
+                else:
+                    first = torch.nonzero(flat).reshape(-1)[: self.missing]
+                keep.reshape(-1)[first] = True
+                self.missing = 0
+        return keep
+
+
+class Magnitude(Pruner):
     """Keep the floor(density * n) largest-magnitude elements (TIES). None kept -> all zero."""
-    if density >= 1:
-        return delta
-    l1 = float(delta.abs().sum()) if rescale else 0.0
-    k = int(density * delta.numel())
-    delta.mul_(top_k_mask(delta.abs(), k))
-    return l1_rescale(delta, l1) if rescale else delta
+
+    def __init__(self, density: float, rescale: bool = False) -> None:
+        self.density, self.rescale = density, rescale
+        self.streams = not (rescale and density < 1)  # the kept L1 needs the threshold first: whole only
+
+    def setup(self, numel: int) -> None:
+        super().setup(numel)
+        self.top = _TopK(int(self.density * numel), numel)
+        self.needs_observe = self.density < 1 and not self.top.trivial
+
+    def sample(self, values: torch.Tensor) -> None:
+        if self.needs_observe:
+            self.top.sample(values.abs())
+
+    def observe(self, delta: torch.Tensor, start: int) -> None:
+        if self.needs_observe:
+            self.top.observe(delta.abs_())
+
+    def finish(self) -> bool:
+        return self.top.finish() if self.needs_observe else True
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        if self.density >= 1:
+            return delta
+        l1 = math.fsum(row_l1(delta)) if self.rescale else 0.0
+        delta.mul_(self.top.mask(delta.abs()))
+        return _rescale(delta, l1, math.fsum(row_l1(delta))) if self.rescale else delta
 
 
-def random(delta: torch.Tensor, density: float, rng: TensorRNG, stream: int, rescale: bool = False) -> torch.Tensor:
-    """Keep each element with probability `density` (DARE)."""
-    if density >= 1:
-        return delta
-    l1 = float(delta.abs().sum()) if rescale else 0.0
-    delta.mul_(rng.keep_mask(delta.shape, density, stream, delta.device))
-    return l1_rescale(delta, l1) if rescale else delta
-
-
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+class Outliers(Pruner):
     """Drop the floor(gamma*n) largest magnitudes and the smallest ones, keeping floor(density*n) (breadcrumbs).
 
     mergekit zeroes the whole vector when floor(gamma*n) is 0; here nothing is dropped from the top then.
     """
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    keep = int(density * n)
-    top = int(gamma * n)
-    bottom = n - keep - top
-    if bottom < 0:
-        top += bottom
-        bottom = 0
-    l1 = float(delta.abs().sum()) if rescale else 0.0
-    magnitudes = delta.abs()
-    mask = top_k_mask(magnitudes, n - bottom) & ~top_k_mask(magnitudes, top)
-    delta.mul_(mask)
-    return l1_rescale(delta, l1) if rescale else delta
+
+    def __init__(self, density: float, gamma: float, rescale: bool = False) -> None:
+        self.density, self.gamma, self.rescale = density, gamma, rescale
+        self.streams = not (rescale and density < 1)
+
+    def setup(self, numel: int) -> None:
+        super().setup(numel)
+        keep, top = int(self.density * numel), int(self.gamma * numel)
+        bottom = numel - keep - top
+        if bottom < 0:
+            top += bottom
+            bottom = 0
+        self.inner, self.outer = _TopK(numel - bottom, numel), _TopK(top, numel)
+        self.selections = [s for s in (self.inner, self.outer) if not s.trivial]
+        self.needs_observe = self.density < 1 and bool(self.selections)
+
+    def sample(self, values: torch.Tensor) -> None:
+        if self.needs_observe:
+            a = values.abs()
+            for s in self.selections:
+                s.sample(a)
+
+    def observe(self, delta: torch.Tensor, start: int) -> None:
+        if self.needs_observe:
+            a = delta.abs_()
+            for s in self.selections:
+                s.observe(a)
+
+    def finish(self) -> bool:
+        return all([s.finish() for s in self.selections]) if self.needs_observe else True
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        if self.density >= 1:
+            return delta
+        l1 = math.fsum(row_l1(delta)) if self.rescale else 0.0
+        a = delta.abs()
+        delta.mul_(self.inner.mask(a) & ~self.outer.mask(a))
+        return _rescale(delta, l1, math.fsum(row_l1(delta))) if self.rescale else delta
 
 
-def della_magprune(
-    delta: torch.Tensor, density: float, epsilon: float, rng: TensorRNG, stream: int, rescale: bool = False
-) -> torch.Tensor:
+class Random(Pruner):
+    """Keep each element with probability `density` (DARE); draws keyed by (rng, stream), positioned
+    by flat index so chunks draw what the whole tensor would. With `rescale` the masks are drawn
+    while observing (for the L1 norms) and kept for `apply`."""
+
+    def __init__(self, density: float, rng: TensorRNG, stream: int, rescale: bool = False) -> None:
+        self.density, self.rng, self.stream, self.rescale = density, rng, stream, rescale
+        self.needs_observe = density < 1 and rescale
+        self.l1 = [0.0, 0.0]  # row sums: before, after
+        self.row_sums: tuple[list[float], list[float]] = ([], [])
+        self.masks: dict[int, object] = {}  # chunk start -> packed bits (CPU) or mask
+
+    def _mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        stored = self.masks.pop(start, None)
+        if stored is None:
+            return self.keep(delta, start)
+        if isinstance(stored, tuple):
+            bits, shape = stored
+            return torch.from_numpy(np.unpackbits(bits, count=delta.numel()).view(np.bool_)).view(shape)
+        return stored
+
+    def _store(self, start: int, mask: torch.Tensor) -> None:
+        """Keep a chunk's mask for `apply`, one bit per element on the CPU (8x less than bools)."""
+        if mask.device.type == "cpu":
+            self.masks[start] = (np.packbits(mask.contiguous().numpy().reshape(-1)), mask.shape)
+        else:
+            self.masks[start] = mask
+
+    def keep(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        return self.rng.keep_mask(delta.shape, self.density, self.stream, delta.device, start)
+
+    def observe(self, delta: torch.Tensor, start: int) -> None:
+        if not self.needs_observe:
+            return
+        mask = self.keep(delta, start)
+        self._store(start, mask)
+        self.row_sums[0].extend(row_l1(delta))
+        self.row_sums[1].extend(row_l1(delta.mul_(mask)))
+
+    def finish(self) -> bool:
+        self.l1 = [math.fsum(self.row_sums[0]), math.fsum(self.row_sums[1])]
+        return True
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        if self.density >= 1:
+            return delta
+        delta.mul_(self._mask(delta, start))
+        return _rescale(delta, *self.l1) if self.rescale else delta
+
+
+class MagPrune(Random):
     """Keep each element with a probability rising with its magnitude rank within its row (DELLA).
 
     p = density - epsilon + 2*epsilon*rank/(n-1), rank 0 for the smallest |delta| of the row.
     A row of one element keeps probability `density` (mergekit divides by zero there).
     """
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return delta.zero_()
-    if not (0 < density - epsilon and density + epsilon < 1):
-        raise MergeError(
-            f"della needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}"
-        )
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    n = rows.shape[1]
-    l1 = float(delta.abs().sum()) if rescale else 0.0
-    if n == 1:
-        p = torch.full_like(rows, density)
-    else:
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True).to(rows.dtype)
-        p = (density - epsilon) + (2 * epsilon / (n - 1)) * ranks
-    rows.mul_(rng.keep_mask(rows.shape, p, stream, rows.device))
-    return l1_rescale(delta, l1) if rescale else delta
+
+    def __init__(self, density: float, epsilon: float, rng: TensorRNG, stream: int, rescale: bool = False) -> None:
+        super().__init__(density, rng, stream, rescale)
+        self.epsilon = epsilon
+        if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise MergeError(
+                f"della needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}"
+            )
+
+    def keep(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        rows = rows_of(delta)
+        n = rows.shape[1]
+        if n == 1:
+            p = torch.full_like(rows, self.density)
+        else:
+            ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True).to(rows.dtype)
+            p = (self.density - self.epsilon) + (2 * self.epsilon / (n - 1)) * ranks
+        return self.rng.keep_mask(rows.shape, p, self.stream, rows.device, start).view(delta.shape)
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        if 0 < self.density < 1:
+            return super().apply(delta, start)
+        return delta if self.density >= 1 else delta.zero_()
+
+
+def _rescale(sparse: torch.Tensor, original_l1: float, kept_l1: float) -> torch.Tensor:
+    if original_l1 >= 1e-7 and kept_l1 >= 1e-7:
+        sparse.mul_(original_l1 / kept_l1)
+    return sparse
+
+
+def prune_whole(pruner: Pruner, delta: torch.Tensor) -> torch.Tensor:
+    """Run `pruner` on a whole tensor: the streamed protocol with one chunk."""
+    n = delta.numel()
+    pruner.setup(n)
+    if pruner.needs_observe:
+        blocks = sample_blocks(n)
+        if blocks:
+            flat = delta.reshape(-1)
+            pruner.sample(torch.cat([flat[a:b] for a, b in blocks]))
+        while True:
+            pruner.observe(delta.clone(), 0)
+            if pruner.finish():
+                break
+    return pruner.apply(delta, 0)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the floor(density * n) largest-magnitude elements (TIES). None kept -> all zero."""
+    return prune_whole(Magnitude(density, rescale), delta)
+
+
+def random(delta: torch.Tensor, density: float, rng: TensorRNG, stream: int, rescale: bool = False) -> torch.Tensor:
+    """Keep each element with probability `density` (DARE)."""
+    return prune_whole(Random(density, rng, stream, rescale), delta)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Breadcrumbs: see `Outliers`."""
+    return prune_whole(Outliers(density, gamma, rescale), delta)
+
+
+def della_magprune(
+    delta: torch.Tensor, density: float, epsilon: float, rng: TensorRNG, stream: int, rescale: bool = False
+) -> torch.Tensor:
+    """DELLA: see `MagPrune`."""
+    return prune_whole(MagPrune(density, epsilon, rng, stream, rescale), delta)

@@ -7,7 +7,7 @@ import torch
 
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
 from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
@@ -31,6 +31,7 @@ def task_arithmetic(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """y = b + lambda * sum_i w_i (x_i - b) [/ sum_i w_i if normalize]; density < 1 prunes by magnitude."""
     return merge_task_vectors(
@@ -40,7 +41,8 @@ def task_arithmetic(
         normalize=normalize,
         lambda_=lambda_,
         consensus=False,
-        sparsify=lambda d, i: sparsify.magnitude(d, density[i], rescale),
+        prune=lambda i: sparsify.Magnitude(density[i], rescale),
+        stream=stream,
     )
 
 
@@ -61,6 +63,7 @@ def ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """D_i = w_i * topk(x_i - b, density_i); sigma = sign(sum_i D_i);
     y = b + lambda * sum_i [sign D_i = sigma] D_i / sum_i [sign D_i = sigma] w_i."""
@@ -71,7 +74,8 @@ def ties(
         normalize=normalize,
         lambda_=lambda_,
         consensus=True,
-        sparsify=lambda d, i: sparsify.magnitude(d, density[i], rescale),
+        prune=lambda i: sparsify.Magnitude(density[i], rescale),
+        stream=stream,
     )
 
 
@@ -93,6 +97,7 @@ def dare_linear(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """Keep each element of x_i - b with probability density_i, L1-rescale, then task arithmetic."""
     return merge_task_vectors(
@@ -102,7 +107,8 @@ def dare_linear(
         normalize=normalize,
         lambda_=lambda_,
         consensus=False,
-        sparsify=lambda d, i: sparsify.random(d, density[i], rng, i, rescale),
+        prune=lambda i: sparsify.Random(density[i], rng, i, rescale),
+        stream=stream,
     )
 
 
@@ -124,6 +130,7 @@ def dare_ties(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
+    stream: Streaming | None = None,
 ) -> torch.Tensor:
     """DARE sparsification, then TIES sign election and disjoint merge."""
     return merge_task_vectors(
@@ -133,5 +140,6 @@ def dare_ties(
         normalize=normalize,
         lambda_=lambda_,
         consensus=True,
-        sparsify=lambda d, i: sparsify.random(d, density[i], rng, i, rescale),
+        prune=lambda i: sparsify.Random(density[i], rng, i, rescale),
+        stream=stream,
     )

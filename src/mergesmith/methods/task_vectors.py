@@ -1,25 +1,59 @@
 """The task-vector family as one pipeline.
 
 deltas -> sparsify each (its own density) -> weight -> optional sign consensus -> combine
--> normalise -> base + lambda * result. A method is this pipeline with a sparsifier and a
-consensus switch; new sparsifiers plug in as a function `(delta, index) -> delta`.
+-> normalise -> base + lambda * result. A method is this pipeline with a pruner (`sparsify.Pruner`)
+and a consensus switch; new sparsifiers plug in as a `Pruner` made for input index i.
+
+The engine may stream a tensor in row chunks (`Streaming`): a pass that only feeds the pruners
+(`observe`: thresholds, L1 norms), then a pass that merges chunk by chunk (`apply`). Everything
+after the pruners is element-wise, so each chunk merges alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
+from mergesmith.methods.sparsify import Pruner, prune_whole
+
+PrunerFor = Callable[[int], Pruner]
+
+
+@dataclass
+class Streaming:
+    """A tensor of `numel` values merged in row chunks: which phase and which chunk this call is.
+
+    phase "sample": the inputs are the fixed samples (`sparsify.sample_blocks`) of the whole inputs; "observe": chunk at flat offset `start`, fed to the pruners only (no result);
+    "apply": merge the chunk. `finish()` between the passes (False: observe once more)."""
+
+    numel: int
+    phase: str = "sample"
+    start: int = 0
+    pruners: dict[int, Pruner] = field(default_factory=dict)
+    needs_observe: bool = False
+    streams: bool = True  # False once a pruner turns out to need whole tensors
+
+    def pruner(self, i: int, make: PrunerFor) -> Pruner:
+        if i not in self.pruners:
+            p = make(i)
+            p.setup(self.numel)
+            self.pruners[i] = p
+            self.needs_observe |= p.needs_observe
+            self.streams &= p.streams
+        return self.pruners[i]
+
+    def finish(self) -> bool:
+        return all([p.finish() for p in self.pruners.values()])
 
 
 def sign_consensus(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES sign election by sum: per element the sign (+1/-1) of the summed weighted deltas (0 -> +1)."""
-    total = torch.zeros_like(weighted[0])
-    for d in weighted:
+    total = weighted[0].clone()
+    for d in weighted[1:]:
         total.add_(d)
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    return total.sign_().add_(0.5).sign_()  # -1, 0, +1 -> -1, +1, +1 (three cheap passes, no `where`)
 
 
 def merge_task_vectors(
@@ -27,30 +61,47 @@ def merge_task_vectors(
     base: torch.Tensor,
     weights: Sequence[float],
     *,
-    sparsify: Sparsifier | None,
+    prune: PrunerFor | None,
     consensus: bool,
     normalize: bool,
     lambda_: float,
-) -> torch.Tensor:
+    stream: Streaming | None = None,
+) -> torch.Tensor | None:
+    """The merged tensor (or chunk); None in the streaming phases that only feed the pruners."""
+    if stream is not None and stream.phase != "apply":
+        for i, x in enumerate(xs):
+            d = x.sub_(base)
+            if prune is not None:
+                p = stream.pruner(i, prune)
+                if stream.phase == "sample":
+                    p.sample(d)
+                elif p.needs_observe:
+                    p.observe(d, stream.start)
+        return None
     if not xs:
         return base
     deltas = []
     for i, x in enumerate(xs):
         d = x.sub_(base)  # the inputs are ours to overwrite
-        if sparsify is not None:
-            d = sparsify(d, i)
+        if prune is not None:
+            d = prune_whole(prune(i), d) if stream is None else stream.pruner(i, prune).apply(d, stream.start)
         deltas.append(d.mul_(weights[i]))
-    if consensus:  # in place: the deltas become their agreeing parts, two scratch tensors in all
-        positive = sign_consensus(deltas) > 0
-        divisor = torch.zeros_like(base)
+    if consensus:  # in place: the deltas become their agreeing parts
+        elected = sign_consensus(deltas)
+        divisor = torch.zeros_like(base) if normalize else None
         for d, w in zip(deltas, weights, strict=True):
-            agree = torch.where(positive, d > 0, d < 0)  # sign(d) == elected; d == 0 never agrees
-            d.mul_(agree)
-            divisor.add_(agree.to(base.dtype), alpha=w)
-        combined = torch.zeros_like(base)
-        for d in deltas:
+            d.mul_(elected).clamp_(min=0)  # d * s > 0 where sign(d) == elected (0 never agrees): d <- s max(d s, 0)
+            if divisor is not None:
+                divisor.add_(torch.sign(d), alpha=w)  # sign: 1 where it agrees, else 0
+            d.mul_(elected)
+        combined = deltas[0]
+        for d in deltas[1:]:
             combined.add_(d)
-        divisor[divisor == 0] = 1.0
+        if divisor is not None:
+            if min(weights) > 0:  # a zero divisor means nothing agreed (combined is 0 there): any floor works
+                divisor.clamp_(min=min(weights) / 2)
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
     else:
         combined = deltas[0]
         for d in deltas[1:]:

@@ -49,6 +49,9 @@ class Audit:
     def wrap(self, forward: Write) -> Write:
         """Audit `forward` (a ShardWriter's `write`); the executor also finds `write_at` for chunks."""
         self.forward = forward
+        writer = getattr(forward, "__self__", None)
+        if hasattr(writer, "on_hashed"):  # the writer hashes shards as it writes them: no read-back
+            writer.on_hashed = self.journal.shard_written
         return self.write
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -86,6 +89,9 @@ class Audit:
             self._left[shard.file] -= 1
             finished = self._left[shard.file] == 0
         if finished:
+            writer = getattr(self.forward, "__self__", None)
+            if writer is not None and hasattr(writer, "hashing") and writer.hashing(shard.file):
+                return  # its digest comes from the writer's hasher (`on_hashed`)
             self.journal.shard_written(shard)
 
     def check(self, name: str, tensor: torch.Tensor) -> None:
@@ -94,6 +100,8 @@ class Audit:
             self.checked += 1
 
     def _scan(self, name: str, values: torch.Tensor) -> None:
+        if values.is_floating_point() and bool(torch.isfinite(values.sum())):
+            return  # a finite sum in the tensor's own dtype: every value is finite (4x cheaper for bf16)
         bad = nonfinite_count(values)
         if not bad:
             return

@@ -127,14 +127,16 @@ class ShardJournal:
         names = {slot.name for s in self.pending for slot in s.slots}
         return replace(plan, tensors=[t for t in plan.tensors if t.name in names])
 
-    def shard_written(self, shard: Shard) -> None:
-        """Every tensor of `shard` is written: record its hash.
+    def shard_written(self, shard: Shard, digest: str | None = None) -> None:
+        """Every tensor of `shard` is written: record its hash (`digest` when the writer hashed it as it
+        wrote, else read back from the file).
 
         No fsync here: a resumed run re-hashes each shard, so one damaged by a power cut is rewritten."""
-        path = self.locate(shard.file)
-        if path is None:
-            return
-        digest = file_sha256(path)
+        if digest is None:
+            path = self.locate(shard.file)
+            if path is None:
+                return
+            digest = file_sha256(path)
         with self._lock:
             self.done[shard.file] = digest
             self._save()

@@ -1,0 +1,114 @@
+"""Task-vector merges streamed in row chunks equal whole-tensor merges bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergesmith.engine import executor as executor_module
+from mergesmith.merge import MergeOptions, prepare
+from mergesmith.methods import sparsify
+from mergesmith.methods.registry import get_method
+from mergesmith.recipe.schema import MergeConfig
+from mergesmith.rng import TensorRNG
+from mergesmith.sources.reader import TensorReader
+
+METHODS = {
+    "ties": {"weight": 0.6, "density": 0.5},
+    "dare_ties": {"weight": 0.6, "density": 0.53},
+    "dare_linear": {"weight": 0.6, "density": 0.4},
+    "task_arithmetic": {"weight": 0.6, "density": 0.3},
+    "breadcrumbs": {"weight": 0.6, "density": 0.7, "gamma": 0.05},
+    "breadcrumbs_ties": {"weight": 0.6, "density": 0.7, "gamma": 0.05},
+    "della": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
+    "della_linear": {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
+}
+
+
+def _whole(t, readers, seed: int) -> torch.Tensor:
+    """The method called once on whole float32 tensors (no streaming)."""
+    xs = [readers[x.model].get(x.name).float().clone() for x in t.inputs]  # methods write in place
+    base = xs[t.base]
+    others = [x for i, x in enumerate(xs) if i != t.base]
+    params = {**t.params, **{k: list(v) for k, v in t.per_model.items()}}
+    rng = TensorRNG(seed, t.name, tuple(x.model for x in t.others))
+    return get_method(t.method)(others, base, params, rng=rng).to(getattr(torch, t.dtype))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("rescale", [None, True])
+def test_streamed_equals_whole(models, monkeypatch, method, rescale):
+    params = dict(METHODS[method])
+    if rescale is not None:
+        params["rescale"] = rescale
+    recipe = {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[k]), "parameters": params} for k in ("ft1", "ft2", "ft3")],
+    }
+    config = MergeConfig.model_validate(recipe)
+    plan, infos = prepare(config, MergeOptions())
+    readers = {k: TensorReader(v) for k, v in infos.items()}
+    whole = {t.name: _whole(t, readers, 7) for t in plan.tensors}
+    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
+    monkeypatch.setattr(sparsify, "SMALL", 50)  # thresholds bracketed by a sample
+    monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
+    monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
+    ex = executor_module.Executor(plan, readers, seed=7)
+    for t in plan.tensors:
+        got = ex.compute(t)
+        assert torch.equal(got, whole[t.name]), t.name
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+@pytest.mark.parametrize("k", [0, 1, 900, 2100, 4095, 4096])
+def test_streamed_top_k_with_ties(monkeypatch, chunk_rows, k):
+    """Many equal magnitudes: the streamed mask keeps the lowest indices among ties, like top_k_mask."""
+    g = torch.Generator().manual_seed(k)
+    delta = torch.randint(-6, 7, (64, 64), generator=g).float()
+    expect = delta * sparsify.top_k_mask(delta.abs(), k)
+    monkeypatch.setattr(sparsify, "SMALL", 64)
+    pruner = sparsify.Magnitude(k / delta.numel() + 1e-9)
+    pruner.setup(delta.numel())
+    monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
+    monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
+    pruner.sample(torch.cat([delta.reshape(-1)[a:b] for a, b in sparsify.sample_blocks(delta.numel())]))
+    while True:
+        for r0 in range(0, 64, chunk_rows):
+            pruner.observe(delta[r0 : r0 + chunk_rows].clone(), r0 * 64)
+        if pruner.finish():
+            break
+    got = torch.cat([pruner.apply(delta[r0 : r0 + chunk_rows].clone(), r0 * 64) for r0 in range(0, 64, chunk_rows)])
+    assert torch.equal(got, expect)
+
+
+def test_unlucky_sample_observes_again(monkeypatch):
+    """A sample that misses the threshold opens its bracket and observes once more: still exact."""
+    monkeypatch.setattr(sparsify, "SMALL", 64)
+    delta = torch.arange(4096, dtype=torch.float32).view(64, 64)
+    pruner = sparsify.Magnitude(0.5)
+    pruner.setup(4096)
+    pruner.sample(torch.full((100,), 4000.0))  # says every value is about 4000
+    pruner.observe(delta.clone(), 0)
+    assert not pruner.finish()
+    pruner.observe(delta.clone(), 0)
+    assert pruner.finish()
+    assert torch.equal(pruner.apply(delta.clone(), 0), delta * (delta >= 2048))
+
+
+def test_shard_digests_while_writing_equal_the_files(tmp_path):
+    """The writer's incremental SHA-256 (for the resume journal) is the hash of the finished file."""
+    from mergesmith.output.shards import ShardWriter, layout_shards
+    from mergesmith.reliability.resume import file_sha256
+
+    tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(6)}
+    shards = layout_shards([(n, "float32", tuple(t.shape)) for n, t in tensors.items()], 4000)
+    writer = ShardWriter(tmp_path, shards)
+    got = {}
+    writer.on_hashed = lambda shard, digest: got.__setitem__(shard.file, digest)
+    for name, t in tensors.items():
+        writer.write_at(name, 0, t[:50])
+        writer.write_at(name, 50 * 3 * 4, t[50:])
+    files = writer.close()
+    assert len(files) > 1 and sorted(got) == sorted(files)
+    assert all(got[f] == file_sha256(tmp_path / f) for f in files)
