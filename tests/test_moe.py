@@ -404,3 +404,22 @@ def test_expert_with_a_differently_padded_vocab(models, tmp_path):
     assert torch.equal(
         got["model.layers.3.block_sparse_moe.experts.1.w2.weight"], src["model.layers.3.mlp.down_proj.weight"]
     )
+
+
+def test_validate_command_accepts_moe_configs(models, tmp_path):
+    from conftest import run_cli
+
+    good = tmp_path / "good.yml"
+    good.write_text(
+        yaml.safe_dump({"base_model": str(models["base"]), "experts": experts(models["ft1"], models["ft2"])})
+    )
+    result = run_cli("validate", good)
+    assert result.exit_code == 0 and "MoE config: no problems found" in result.output
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        yaml.safe_dump(
+            {"base_model": str(models["base"]), "experts_per_tok": 2, "experts": experts(models["ft1"], models["ft2"])}
+        )
+    )
+    result = run_cli("validate", bad)
+    assert result.exit_code == 2 and "experts_per_tok" in result.output and "experts_per_token" in result.output

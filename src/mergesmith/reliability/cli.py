@@ -47,7 +47,33 @@ def validate(config_file: str, cuda: bool, transformers_cache: str | None, verbo
       mergesmith validate recipe.yml --cuda
     """
     setup_logging(verbose)
+    if is_moe_config(config_file):
+        sys.exit(report_moe_validation(config_file))
     sys.exit(report_validation(config_file, cuda=cuda, cache_dir=transformers_cache, verbose=verbose))
+
+
+def is_moe_config(config_file: str) -> bool:
+    """mergekit-moe configs list `experts`; merge recipes never do."""
+    from mergesmith.recipe.schema import load_yaml
+
+    try:
+        data = load_yaml(config_file)
+    except Exception:  # the merge-recipe path reports unreadable files with their own message
+        return False
+    return isinstance(data, dict) and "experts" in data and "merge_method" not in data
+
+
+def report_moe_validation(config_file: str) -> int:
+    from mergesmith.moe.config import validate_moe_config
+
+    problems = validate_moe_config(config_file)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {config_file}:", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        return 2
+    click.echo("MoE config: no problems found")
+    return 0
 
 
 def dry_run(config_file: str, opts: dict[str, Any]) -> None:
