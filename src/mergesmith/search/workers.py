@@ -122,6 +122,10 @@ class RayWorkers:
                     raise MergeError(f"candidate {job.index}: its worker was lost three times ({err})") from None
                 log.warning("search: a worker was lost; candidate %d goes to another worker", job.index)
                 self.actors.remove(actor)
+                try:  # Ray restarts it (max_restarts): release its CPUs/GPU rather than keep it idle
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
                 if not self.actors:
                     raise MergeError("every search worker was lost") from None
                 queue.appendleft(job)
