@@ -11,6 +11,8 @@ from conftest import merge, tensors
 from formulas import f64
 
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
+from test_arcee_fusion import ref_fusion  # noqa: E402
+from test_breadcrumbs import ref_merge as ref_breadcrumbs  # noqa: E402
 from test_model_stock import ref_model_stock  # noqa: E402
 from test_nearswap import ref_nearswap  # noqa: E402
 from test_ram import ref_ram  # noqa: E402
@@ -94,6 +96,45 @@ def test_sce_model_stock_nearswap_ram(models, tmp_path):
     check_all(tensors(tmp_path / "ns"), lambda n: ref_nearswap(b[n], a1[n], 0.01))
     merge({"merge_method": "ram", "base_model": str(models["base"]), "models": three}, tmp_path / "ram")
     check_all(tensors(tmp_path / "ram"), lambda n: ref_ram([a1[n], a2[n], a3[n]], b[n]))
+
+
+def test_breadcrumbs_ties_ramplus_and_arcee_fusion(models, tmp_path):
+    b, a1, a2, a3 = load(models, "base", "ft1", "ft2", "ft3")
+    recipe = {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(models[k]), "parameters": {"weight": w, "density": 0.6, "gamma": 0.05}}
+            for k, w in (("ft1", 0.7), ("ft2", 0.5))
+        ],
+    }
+    merge(recipe, tmp_path / "bc")
+    check_all(
+        tensors(tmp_path / "bc"),
+        lambda n: ref_breadcrumbs(
+            [a1[n], a2[n]], b[n], [0.7, 0.5], [0.6, 0.6], [0.05, 0.05], consensus=True, normalize=False
+        ),
+    )
+    three = [{"model": str(models[k])} for k in ("ft1", "ft2", "ft3")]
+    merge(
+        {
+            "merge_method": "ramplus_tl",
+            "base_model": str(models["base"]),
+            "models": three,
+            "parameters": {"r": 0.2, "alpha": 0.3},
+        },
+        tmp_path / "rp",
+    )
+    check_all(tensors(tmp_path / "rp"), lambda n: ref_ram([a1[n], a2[n], a3[n]], b[n], plus=True, r=0.2, alpha=0.3))
+    merge(
+        {"merge_method": "arcee_fusion", "base_model": str(models["base"]), "models": [{"model": str(models["ft1"])}]},
+        tmp_path / "af",
+    )
+    # The importance threshold is one of the importance values: an element sitting exactly on it can
+    # fall either side between float32 (ours) and float64 (the reference); allow that one element.
+    for name, y in tensors(tmp_path / "af").items():
+        wrong = (f64(y) - ref_fusion(a1[name], b[name]).reshape(y.shape)).abs() > 1e-5
+        assert int(wrong.sum()) <= 1, name
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
