@@ -136,6 +136,26 @@ def recipes(m: dict[str, str]) -> dict[str, tuple[dict, str]]:
         },
         "exact",
     )
+    # SPEC §9.3 probe: default gamma 0.01 on the 64-element norms gives floor(gamma*N) = 0.
+    r["breadcrumbs_ties_gamma_default"] = (
+        {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": b,
+            "models": models(lambda i: {"density": 0.7, **tv}),
+            "dtype": "float32",
+        },
+        "exact",
+    )
+    # SPEC §9.3 probe: density 0.01 on the 64-element norms gives floor(density*N) = 0 kept elements.
+    r["ties_density_0.01"] = (
+        {
+            "merge_method": "ties",
+            "base_model": b,
+            "models": models(lambda i: {"density": 0.01, **tv}),
+            "dtype": "float32",
+        },
+        "exact",
+    )
     r["della"] = (
         {
             "merge_method": "della",
