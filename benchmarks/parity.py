@@ -108,6 +108,16 @@ def recipes(m: dict[str, str]) -> dict[str, tuple[dict, str]]:
         },
         "exact",
     )
+    # density on a method whose mergekit definition has no sparsification step
+    r["task_arithmetic_density_0.5"] = (
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": models(lambda i: {"weight": [0.7, 0.5, 0.3][i], "density": 0.5}),
+            "dtype": "float32",
+        },
+        "exact",
+    )
     r["ties"] = (
         {
             "merge_method": "ties",
