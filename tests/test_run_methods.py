@@ -110,7 +110,13 @@ def test_task_vector_methods(models, tmp_path, method, normalize, consensus):
     for name, y in out.items():
         ws = [0.7, gradient([0.2, 0.6], layer_t(name)), -0.3]
         expected = task_vectors(
-            base[name], [f[name] for f in fts], ws, [0.5, 0.8, 0.3], consensus=consensus, normalize=normalize, lam=0.9
+            base[name],
+            [f[name] for f in fts],
+            ws,
+            [0.5, 0.8, 0.3] if method == "ties" else [1, 1, 1],  # task_arithmetic ignores density, as mergekit
+            consensus=consensus,
+            normalize=normalize,
+            lam=0.9,
         )
         close(y, expected, name)
 
@@ -215,3 +221,22 @@ def test_passthrough_scale_filter(models, tmp_path):
             assert torch.count_nonzero(y) == 0, name
         else:
             assert torch.equal(y, src[name]), name
+
+
+def test_task_arithmetic_ignores_density_like_mergekit(models, tmp_path, caplog):
+    """mergekit declares `density` for task_arithmetic and never applies it: same tensors, one warning."""
+
+    def recipe(density):
+        params = {"weight": 0.5} | ({"density": density} if density else {})
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": str(models["base"]),
+            "models": [{"model": str(models[k]), "parameters": params} for k in ("ft1", "ft2")],
+        }
+
+    with caplog.at_level("WARNING"):
+        merge(recipe(0.3), tmp_path / "with")
+    assert sum("'density' has no effect on task_arithmetic" in r.message for r in caplog.records) == 1
+    merge(recipe(None), tmp_path / "without")
+    a, b = tensors(tmp_path / "with"), tensors(tmp_path / "without")
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -160,6 +160,7 @@ class _Planner:
         self.models = models
         self.method = get_method(config.merge_method)
         self.warnings: list[str] = []
+        self._noted: set[str] = set()  # inert parameters already warned about
         self.base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
         m = self.method
         self.top = parse_block(config.parameters, "parameters", m, self.warnings)
@@ -354,6 +355,9 @@ class _Planner:
                     value = p.default
                 values.append(p.coerce(value, f"{src.where}.parameters"))
             per_model[p.name] = tuple(values)
+            if p.name in m.inert and any(v != p.default for v in values) and p.name not in self._noted:
+                self._noted.add(p.name)
+                self.warnings.append(f"'{p.name}' has no effect on {m.name}: {m.inert[p.name]}")
         shape = self._output_shape(out_name, inputs, base_idx)
         dtype = self.config.out_dtype or self.config.dtype or inputs[base_idx if base_idx is not None else 0].dtype
         if inputs[0].dtype not in FLOAT_DTYPES:

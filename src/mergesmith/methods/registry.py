@@ -82,6 +82,8 @@ class MergeMethod:
     uses_rng: bool = False
     streams: bool = False  # takes `stream` (task_vectors.Streaming): the engine may run it in row chunks
     formula: str = field(default="", repr=False)
+    # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
+    inert: dict[str, str] = field(default_factory=dict)
 
     @property
     def global_params(self) -> dict[str, Param]:
@@ -112,6 +114,7 @@ def merge_method(
     models: tuple[int, int | None] = (1, None),
     paper: str | None = None,
     pretty: str | None = None,
+    inert: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
 
@@ -148,6 +151,7 @@ def merge_method(
             uses_rng=uses_rng,
             streams=streams,
             formula=inspect.cleandoc(fn.__doc__ or ""),
+            inert=dict(inert or {}),
         )
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")

@@ -20,6 +20,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
     summary="Add weighted task vectors (fine-tune minus base) to the base.",
     paper="https://arxiv.org/abs/2212.04089",
     pretty="Task Arithmetic",
+    inert={"density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"},
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -33,7 +34,8 @@ def task_arithmetic(
     int8_mask: bool = False,
     stream: Streaming | None = None,
 ) -> torch.Tensor:
-    """y = b + lambda * sum_i w_i (x_i - b) [/ sum_i w_i if normalize]; density < 1 prunes by magnitude."""
+    """y = b + lambda * sum_i w_i (x_i - b) [/ sum_i w_i if normalize]. `density` is accepted and ignored:
+    mergekit declares it and never applies it, so recipes that set it get mergekit's tensors."""
     return merge_task_vectors(
         xs,
         base,
@@ -41,7 +43,7 @@ def task_arithmetic(
         normalize=normalize,
         lambda_=lambda_,
         consensus=False,
-        prune=lambda i: sparsify.Magnitude(density[i], rescale),
+        prune=None,
         stream=stream,
     )
 
