@@ -149,6 +149,7 @@ def make_base(
     config = _config(family, layers, hidden, vocab, tie)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    config.architectures = [type(model).__name__]  # as a saved transformers model has it
     state = model.state_dict()
     if tie or family == "gpt2":
         state.pop("lm_head.weight", None)  # tied: saved once, as the embedding
