@@ -36,24 +36,10 @@ def build_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def _config(family: str, layers: int, hidden: int, vocab: int, tie: bool) -> object:
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config
 
-    if family in LLAMA_LIKE:
+    if family == "llama" or family in LLAMA_LIKE:
         return _llama_like_config(family, layers, hidden, vocab, tie)
-    if family == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=tie,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-        )
     if family == "gpt2":
         return GPT2Config(
             vocab_size=vocab,
@@ -77,6 +63,7 @@ def _llama_like_config(family: str, layers: int, hidden: int, vocab: int, tie: b
     import transformers
 
     cls = {
+        "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,

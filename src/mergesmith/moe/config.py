@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergesmith.errors import MergeError, did_you_mean
 from mergesmith.recipe.schema import (
@@ -18,8 +18,8 @@ from mergesmith.recipe.schema import (
     DTYPES,
     ModelRefLike,
     _Strict,
-    load_yaml,
-    validation_error_to_merge_error,
+    read_yaml,
+    validate_mapping,
 )
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -86,18 +86,13 @@ class MoEConfig(_Strict):
 
 
 def parse_moe_config(data: Any, source: str = "config") -> MoEConfig:
-    if not isinstance(data, dict):
-        raise MergeError(f"an MoE config must be a YAML mapping, got {type(data).__name__}", source)
-    try:
-        return MoEConfig.model_validate(data)
-    except ValidationError as err:
-        raise validation_error_to_merge_error(err, MoEConfig, source) from None
+    return validate_mapping(MoEConfig, data, source, "an MoE config")
 
 
 def load_moe_config(path: str | Path) -> tuple[MoEConfig, str]:
     """Parse an MoE config file; returns the config and its raw text (kept verbatim in the output)."""
-    data = load_yaml(path)
-    return parse_moe_config(data, str(path)), Path(path).read_text(encoding="utf-8")
+    data, text = read_yaml(path)
+    return parse_moe_config(data, str(path)), text
 
 
 def is_moe_config(data: Any) -> bool:

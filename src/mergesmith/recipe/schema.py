@@ -7,7 +7,7 @@ and ignores (`residual_weight`) are accepted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ DTYPES = {"bfloat16", "float16", "float32", "float64", "int64"}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 ModelRefLike = str | dict[str, Any]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 Params = dict[str, Any]
 
 
@@ -168,16 +169,26 @@ def validation_error_to_merge_error(err: ValidationError, root: type[BaseModel],
     return MergeError("invalid recipe:\n  " + "\n  ".join(unique), source)
 
 
-def parse_config(data: Any, source: str = "recipe") -> MergeConfig:
+def validate_mapping(model: type[ModelT], data: Any, source: str, what: str = "a recipe") -> ModelT:
+    """`data` (parsed YAML) as `model`, or one MergeError listing every problem with its YAML path."""
     if not isinstance(data, dict):
-        raise MergeError(f"a recipe must be a YAML mapping, got {type(data).__name__}", source)
+        raise MergeError(f"{what} must be a YAML mapping, got {type(data).__name__}", source)
     try:
-        return MergeConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise validation_error_to_merge_error(err, MergeConfig, source) from None
+        raise validation_error_to_merge_error(err, model, source) from None
+
+
+def parse_config(data: Any, source: str = "recipe") -> MergeConfig:
+    return validate_mapping(MergeConfig, data, source)
 
 
 def load_yaml(path: str | Path) -> Any:
+    return read_yaml(path)[0]
+
+
+def read_yaml(path: str | Path) -> tuple[Any, str]:
+    """The parsed YAML of a file and its raw text (kept verbatim in outputs), reading it once."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -186,12 +197,12 @@ def load_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise MergeError(f"cannot read recipe: {err}", str(p)) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(text), text
     except yaml.YAMLError as err:
         raise MergeError(f"not valid YAML: {err}", str(p)) from None
 
 
 def load_config(path: str | Path) -> tuple[MergeConfig, str]:
     """Parse a recipe file; returns the config and its raw text (kept verbatim in the output)."""
-    data = load_yaml(path)
-    return parse_config(data, str(path)), Path(path).read_text(encoding="utf-8")
+    data, text = read_yaml(path)
+    return parse_config(data, str(path)), text
