@@ -1,9 +1,10 @@
 """Seeded randomness keyed by (seed, tensor name, stream), independent of processing order.
 
-Every random draw of a merge comes from a counter-based generator (NumPy's Philox) whose key is a
-hash of the seed, the output tensor's name and a stream number (the input model's index). So a
-seeded merge is bit-identical on every rerun, whatever order tensors are processed in, and the
-same mask is drawn whether the maths runs on the CPU or a GPU.
+Every random draw of a merge comes from a counter-based stream (`mergesmith.kernels`: SplitMix64's
+finaliser over key + counter * gamma) whose 64-bit key is a hash of the seed, the output tensor's
+name and a stream number (the input model's index). So a seeded merge is bit-identical on every
+rerun, whatever order tensors are processed in and however they are chunked, and the same mask is
+drawn whether the maths runs on the CPU or a GPU (drawn on the CPU, moved to the device).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 
 import numpy as np
 import torch
+
+from mergesmith import kernels
 
 
 class TensorRNG:
@@ -24,32 +27,30 @@ class TensorRNG:
         self.key = key
         self.streams = streams
 
-    def _generator(self, stream: int) -> np.random.Generator:
+    def _key(self, stream: int) -> int:
         label = self.streams[stream] if stream < len(self.streams) else str(stream)
-        digest = hashlib.blake2b(f"{self.seed}\0{self.key}\0{label}".encode(), digest_size=16).digest()
-        key = np.frombuffer(digest, dtype=np.uint64)
-        return np.random.Generator(np.random.Philox(key=key))
+        digest = hashlib.blake2b(f"{self.seed}\0{self.key}\0{label}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
 
     def words(self, start: int, count: int, stream: int) -> np.ndarray:
-        """Raw 32-bit words `start` .. `start + count` of a stream: the generator is positioned with
-        Philox's `advance` (4 64-bit words, 8 of ours, per step), so any chunk of a tensor's draws
+        """Raw 32-bit words `start` .. `start + count` of a stream: any chunk of a tensor's draws
         costs only its own length, and chunked draws equal whole ones."""
-        gen = self._generator(stream).bit_generator
-        gen.advance(start // 8)
-        skip = start % 8
-        return gen.random_raw((skip + count + 1) // 2).view(np.uint32)[skip : skip + count]
+        return kernels.words(self._key(stream), start, count)
 
     def uniform(
         self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None, start: int = 0
     ) -> torch.Tensor:
-        """Float32 uniform draws in [0, 1) for `shape` (from draw `start` on): NumPy's
-        `random(dtype=float32)`, (u >> 8) * 2**-24 of the raw words u."""
-        n = 1
-        for s in shape:
-            n *= s
-        values = (self.words(start, n, stream) >> np.uint32(8)).astype(np.float32) * np.float32(2**-24)
+        """Float32 uniform draws in [0, 1) for `shape` (from draw `start` on): (u >> 8) * 2**-24 of the
+        raw words u."""
+        values = kernels.uniform(self._key(stream), start, _numel(shape))
         out = torch.from_numpy(values).view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
+
+    @staticmethod
+    def _cut(p: float) -> int:
+        """`uniform < p` as an integer test on the raw words u: uniform is (u >> 8) * 2**-24, so it
+        is `u < ceil(p * 2**24) << 8` with p rounded to float32."""
+        return math.ceil(float(np.float32(p)) * 2**24)
 
     def keep_mask(
         self,
@@ -59,20 +60,40 @@ class TensorRNG:
         device: torch.device | None = None,
         start: int = 0,
     ) -> torch.Tensor:
-        """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor).
-
-        For a float `p` the draws are compared as integers: uniform() returns (u >> 8) * 2**-24 for
-        the generator's raw 32-bit words u, so `uniform < p` is `u < ceil(p * 2**24) << 8` with p
-        rounded to float32: the same mask, without the float conversion pass.
-        """
+        """Boolean mask keeping each element with probability `p` (a float or a broadcastable tensor)."""
         if isinstance(p, torch.Tensor):
             return self.uniform(shape, stream, device, start) < p
-        n = 1
-        for s in shape:
-            n *= s
-        cut = math.ceil(float(np.float32(p)) * 2**24)
+        cut = self._cut(p)
         if cut <= 0 or cut >= 2**24:
             out = torch.full(tuple(shape), cut > 0, dtype=torch.bool)
         else:
-            out = torch.from_numpy(self.words(start, n, stream) < np.uint32(cut << 8)).view(tuple(shape))
+            out = torch.from_numpy(kernels.keep_mask(self._key(stream), start, _numel(shape), cut << 8))
+            out = out.view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
+
+    def keep_apply(self, x: torch.Tensor, p: float, stream: int, start: int = 0) -> torch.Tensor:
+        """`x.mul_(keep_mask(x.shape, p, stream, start=start))`, fused where `x` is a contiguous float32
+        CPU tensor (no mask is made: 0.4 ns per value against 4.4 ns)."""
+        cut = self._cut(p)
+        if 0 < cut < 2**24 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+            kernels.keep_apply(x.numpy(), self._key(stream), start, cut << 8)
+            return x
+        return x.mul_(self.keep_mask(x.shape, p, stream, x.device, start))
+
+    def keep_apply_l1(self, rows: torch.Tensor, p: float, stream: int, start: int = 0) -> tuple[list, list]:
+        """`keep_apply` on a contiguous float32 CPU matrix, returning its per-row L1 norms (as
+        `kernels.row_l1` sums them) before and after, in one pass over each row."""
+        cut = self._cut(p)
+        if 0 < cut < 2**24:
+            before, after = kernels.keep_apply_l1(rows.numpy(), self._key(stream), start, cut << 8)
+            return before.tolist(), after.tolist()
+        before = kernels.row_l1(rows.numpy()).tolist()
+        self.keep_apply(rows, p, stream, start)
+        return before, kernels.row_l1(rows.numpy()).tolist()
+
+
+def _numel(shape: torch.Size | tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,10 +28,14 @@ from mergesmith.plan import OutputTensor, Plan
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorSource
 
-#: Float values per chunk of an element-wise merge (16 MiB of float32 per input).
-CHUNK_ELEMENTS = 1 << 22
+#: Float values per chunk of a streamed merge (4 MiB of float32 per input: the working set stays in cache).
+CHUNK_ELEMENTS = 1 << 20
 #: Values per chunk of a pure copy (written straight from the input file's mapped pages).
 COPY_ELEMENTS = 1 << 23
+
+
+#: `target(shape)` -> (an output buffer of that shape, a token the writer gives back with it)
+Target = Callable[[tuple[int, ...]], tuple[torch.Tensor, object]]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -79,35 +85,43 @@ class Buffers:
 
 class _Writer:
     """A thread that writes finished chunks while the next ones are computed. Output buffers come
-    from a small ring; a slot is reused only once its bytes are in the file."""
-
-    SLOTS = 3
+    from a small ring; a slot is reused only once its bytes are in the file. Pure copies go to the
+    writer as (file descriptor, offset) and are read straight into its output blocks."""
 
     def __init__(
-        self, write_at: Callable[[str, int, torch.Tensor], None], release: Callable[[torch.Tensor], None]
+        self,
+        write_at: Callable[[str, int, torch.Tensor], None],
+        release: Callable[[torch.Tensor], None],
+        copy_at: Callable[..., None] | None,
+        slots: int = 3,
     ) -> None:
         self.write_at = write_at
-        self.release = release  # for chunks that are views of an input file (pure copies)
+        self.copy_at = copy_at
+        self.release = release  # for chunks that are views of an input file
         self.free: queue.Queue[Buffers] = queue.Queue()
-        for _ in range(self.SLOTS):
+        for _ in range(slots):
             self.free.put(Buffers(torch.device("cpu")))
-        self.jobs: queue.Queue[tuple[str, int, torch.Tensor, Buffers | None] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="mergesmith-writer")
         self.thread.start()
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            name, offset, tensor, slot = job
             try:
                 if self.error is None:
-                    self.write_at(name, offset, tensor)
+                    if job[0] == "copy":
+                        self.copy_at(*job[1:])
+                    else:
+                        self.write_at(*job[1:4])
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
-            if slot is None:
-                self.release(tensor)
-            else:
-                self.free.put(slot)
+            if job[0] == "chunk":
+                _, _, _, tensor, slot = job
+                if slot is None:
+                    self.release(tensor)
+                else:
+                    self.free.put(slot)
 
     def slot(self) -> Buffers:
         if self.error is not None:
@@ -115,7 +129,12 @@ class _Writer:
         return self.free.get()
 
     def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers | None) -> None:
-        self.jobs.put((name, offset, tensor, slot))
+        self.jobs.put(("chunk", name, offset, tensor, slot))
+
+    def copy(self, name: str, dtype: str, src: tuple[int, int], nbytes: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(("copy", name, 0, dtype, src, nbytes))
 
     def finish(self) -> None:
         self.jobs.put(None)
@@ -140,8 +159,40 @@ class Executor:
         self.device = torch.device(device)
         self.seed = seed
         self.files = MappedFiles()
-        self.buffers = Buffers(self.device)
-        self.staging = Buffers(torch.device("cpu"))  # raw bytes read from the files
+        self._local = threading.local()  # scratch buffers, one set per computing thread
+        self._pool: ThreadPoolExecutor | None = None
+        self.workers = 1
+
+    @property
+    def buffers(self) -> Buffers:
+        """This thread's float32 scratch buffers."""
+        if not hasattr(self._local, "buffers"):
+            self._local.buffers = Buffers(self.device)
+        return self._local.buffers
+
+    @property
+    def staging(self) -> Buffers:
+        """This thread's buffers for the raw bytes read from the files."""
+        if not hasattr(self._local, "staging"):
+            self._local.staging = Buffers(torch.device("cpu"))
+        return self._local.staging
+
+    def _in_order(self, work: Callable, items: Iterable) -> Iterator:
+        """`work(item)` for each item, run by the worker threads (a few items ahead), results in order.
+
+        Chunks of a tensor are independent (pruners key their state by chunk), and the maths
+        releases the GIL (torch, NumPy, the C kernels, pread): two cores merge two chunks at once."""
+        if self._pool is None:
+            for item in items:
+                yield work(item)
+            return
+        pending: deque = deque()
+        for item in items:
+            pending.append(self._pool.submit(work, item))
+            if len(pending) >= 2 * self.workers:  # queued work for a worker that finishes early
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     # -- the maths of one (chunk of a) tensor ------------------------------------------------
 
@@ -181,7 +232,7 @@ class Executor:
         out = torch.empty(t.shape, dtype=out_dtype)
         flat = out.view(-1)
         scratch = Buffers(torch.device("cpu"))
-        for offset, part in self._parts(t, lambda shape: scratch.get("out", shape, out_dtype)):
+        for offset, part, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
             start = offset // out.element_size()
             flat[start : start + part.numel()].copy_(part.reshape(-1))
         return out
@@ -195,25 +246,35 @@ class Executor:
         same = x.dtype == torch_dtype(t.dtype) and (self.dtype is None or self.dtype == x.dtype)
         return same and tuple(x.shape) == t.shape and x.is_contiguous() and self.files.maps(x)
 
-    def _parts(self, t: OutputTensor, target: Callable[[tuple[int, ...]], torch.Tensor]):
-        """Yield (byte offset, output chunk) for `t`; chunks are cast into `target(shape)` buffers."""
+    def _copy_job(self, t: OutputTensor, writer: _Writer) -> bool:
+        """Hand a pure copy to the writer as the input's file location: no staging buffer at all."""
+        raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+        if not self._pure_copy(t, raw):
+            return False
+        x = raw[0]
+        writer.copy(t.name, t.dtype, self.files.location(x), x.numel() * x.element_size())
+        return True
+
+    def _parts(self, t: OutputTensor, target: Target):
+        """Yield (byte offset, output chunk, token) for `t`; chunks are cast into the buffers that
+        `target(shape)` gives as (buffer, token)."""
         raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
         out_dtype = torch_dtype(t.dtype)
         if self._pure_copy(t, raw):  # the input's bytes are the output's: no float32 round trip
             flat = raw[0].reshape(-1)
             for start in range(0, flat.numel(), COPY_ELEMENTS):
                 part = flat[start : start + COPY_ELEMENTS]
-                dest = target((part.numel(),))
+                dest, token = target((part.numel(),))
                 self.files.read_into(part, dest)
-                yield start * flat.element_size(), dest
+                yield start * flat.element_size(), dest, token
             return
         if not raw[0].is_floating_point():
             src = raw[t.base if t.base is not None else 0]
             if self.dtype is not None and src.dtype != self.dtype and src.is_floating_point():
                 src = src.to(self.dtype)
-            dest = target(tuple(src.shape))
+            dest, token = target(tuple(src.shape))
             dest.copy_(src)
-            yield 0, dest
+            yield 0, dest, token
             return
         if get_method(t.method).streams and len(t.shape) >= 2 and all(tuple(r.shape) == t.shape for r in raw):
             yield from self._streamed(t, raw, target)
@@ -231,15 +292,17 @@ class Executor:
             step = max(1, CHUNK_ELEMENTS // per_row) if elementwise(t) and t.shape else rows
         item = torch.empty((), dtype=out_dtype).element_size()
         per_row_bytes = _numel(t.shape[1:]) * item if t.shape else item
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            xs = [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)]
-            result = self._apply(t, xs)
-            dest = target(tuple(result.shape))
-            dest.copy_(result)
-            yield r0 * per_row_bytes, dest
 
-    def _streamed(self, t: OutputTensor, raw: list[torch.Tensor], target: Callable[[tuple[int, ...]], torch.Tensor]):
+        def merge(r0: int) -> tuple[int, torch.Tensor, object]:
+            r1 = min(rows, r0 + step)
+            result = self._apply(t, [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)])
+            dest, token = target(tuple(result.shape))
+            dest.copy_(result)
+            return r0 * per_row_bytes, dest, token
+
+        yield from self._in_order(merge, range(0, rows, step))
+
+    def _streamed(self, t: OutputTensor, raw: list[torch.Tensor], target: Target):
         """A task-vector merge in row chunks: the pruners see a strided sample, then every chunk
         (thresholds, L1 norms), then each chunk is merged. See `methods.task_vectors.Streaming`."""
         n, rows = _numel(t.shape), t.shape[0]
@@ -254,23 +317,31 @@ class Executor:
         self._apply(t, samples, stream)
         step = max(1, CHUNK_ELEMENTS // max(per_row, 1)) if stream.streams else rows
         chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+        def observe(chunk: tuple[int, int]) -> None:
+            r0, r1 = chunk
+            self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
+
+        run = map if self._pool is None else self._pool.map  # the pruners finish side by side
         while stream.needs_observe:
             stream.phase = "observe"
-            for r0, r1 in chunks:
-                stream.start = r0 * per_row
-                self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream)
-            if stream.finish():
+            for _ in self._in_order(observe, chunks):
+                pass
+            if stream.finish(run):
                 break
         else:
-            stream.finish()
+            stream.finish(run)
         stream.phase = "apply"
         item = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
-        for r0, r1 in chunks:
-            stream.start = r0 * per_row
-            result = self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream)
-            dest = target(tuple(result.shape))
+
+        def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object]:
+            r0, r1 = chunk
+            result = self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
+            dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            yield r0 * per_row * item, dest
+            return r0 * per_row * item, dest, token
+
+        yield from self._in_order(merge, chunks)
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -285,27 +356,36 @@ class Executor:
                 if progress is not None:
                     progress(t)
             return
-        writer = _Writer(write_at, self.files.release)
+        copy_at = getattr(owner, "copy_at", None)
         keep_freed_memory()
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
-            # One intra-op thread: the writer and hashing threads need the other cores, and idle
-            # OpenMP workers spin (measured: medium linear 12.1 s -> 8.9 s wall on 2 cores).
+            # Chunks run on `threads` worker threads, each op on its own thread: on 2 cores that
+            # merges two chunks at once, where two intra-op threads per op gained nothing (measured).
+            self.workers = min(threads, 8)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mergesmith-compute")
             torch.set_num_threads(1)
+        writer = _Writer(write_at, self.files.release, copy_at, slots=2 * self.workers + 2)
         try:
             for t in self.plan.tensors:
+                if copy_at is not None and self._copy_job(t, writer):
+                    if progress is not None:
+                        progress(t)
+                    continue
                 out_dtype = torch_dtype(t.dtype)
-                slot: list[Buffers] = []
 
-                def target(shape: tuple[int, ...], slot: list[Buffers] = slot, dt: torch.dtype = out_dtype) -> torch.Tensor:
-                    slot.append(writer.slot())
-                    return slot[-1].get(0, shape, dt)
+                def target(shape: tuple[int, ...], dt: torch.dtype = out_dtype) -> tuple[torch.Tensor, Buffers]:
+                    slot = writer.slot()
+                    return slot.get(0, shape, dt), slot
 
-                for offset, part in self._parts(t, target):
-                    writer.put(t.name, offset, part, slot.pop() if slot else None)  # no slot: a file view
+                for offset, part, slot in self._parts(t, target):
+                    writer.put(t.name, offset, part, slot)  # no slot: a view of an input file
                 if progress is not None:
                     progress(t)
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
             torch.set_num_threads(threads)
             writer.finish()
 

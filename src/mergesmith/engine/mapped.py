@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class MappedFiles:
     def __init__(self) -> None:
         self._files: dict[Path, tuple[np.memmap, int, dict] | None] = {}
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _open(self, path: Path) -> tuple[np.memmap, int, dict] | None:
         if path not in self._files:
@@ -55,15 +57,24 @@ class MappedFiles:
         """True when `t` is a view of one of the mapped files."""
         return self._where(t) is not None
 
-    def read_into(self, t: torch.Tensor, dest: torch.Tensor) -> None:
-        """Copy the bytes of `t` (a contiguous view of a mapped file) into `dest` with pread: a copy
-        from the page cache into memory we own, without faulting the file's pages into this process."""
+    def location(self, t: torch.Tensor) -> tuple[int, int]:
+        """(file descriptor, byte offset) of `t`, a contiguous view of a mapped file, for `pread`."""
         where = self._where(t)
-        assert where is not None and t.is_contiguous() and dest.is_contiguous()
+        assert where is not None and t.is_contiguous()
         path, offset = where
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._lock:  # worker threads open files too
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd, offset
+
+    def read_into(self, t: torch.Tensor, dest: torch.Tensor) -> None:
+        """Copy the bytes of `t` (a contiguous view of a mapped file) into `dest` with pread: a copy
+        from the page cache into memory we own, without faulting the file's pages into this process."""
+        assert dest.is_contiguous()
+        fd, offset = self.location(t)
         view = memoryview(dest.view(-1).view(torch.uint8).numpy())
         n = t.numel() * t.element_size()
         assert view.nbytes == n
@@ -71,7 +82,7 @@ class MappedFiles:
         while done < n:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
-                raise OSError(f"short read from {path}")
+                raise OSError(f"short read from {self._where(t)[0]}")
             done += got
 
     def release(self, t: torch.Tensor) -> None:

@@ -93,7 +93,9 @@ class MergeMethod:
     def per_model_params(self) -> dict[str, Param]:
         return {k: p for k, p in self.params.items() if p.per_model}
 
-    def __call__(self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None, stream: Any = None) -> Any:
+    def __call__(
+        self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None, stream: Any = None
+    ) -> Any:
         """Apply to tensors with recipe-named, already resolved `params`."""
         kwargs = {self.params[k].arg: v for k, v in params.items() if k in self.params}
         if self.uses_rng:

@@ -20,7 +20,9 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
     summary="Add weighted task vectors (fine-tune minus base) to the base.",
     paper="https://arxiv.org/abs/2212.04089",
     pretty="Task Arithmetic",
-    inert={"density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"},
+    inert={
+        "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
+    },
 )
 def task_arithmetic(
     xs: list[torch.Tensor],

@@ -12,7 +12,7 @@ after the pruners is element-wise, so each chunk merges alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,8 +44,14 @@ class Streaming:
             self.streams &= p.streams
         return self.pruners[i]
 
-    def finish(self) -> bool:
-        return all([p.finish() for p in self.pruners.values()])
+    def finish(self, run: Callable = map) -> bool:
+        """Every pruner's `finish` (through `run`, a `map`: the engine's runs them on its workers)."""
+        return all(list(run(lambda p: p.finish(), self.pruners.values())))
+
+    def at(self, start: int) -> Streaming:
+        """This stream at the chunk starting at flat element `start` (same pruners): chunks may be
+        merged concurrently, each with its own view."""
+        return replace(self, start=start)
 
 
 def sign_consensus(weighted: Sequence[torch.Tensor]) -> torch.Tensor:

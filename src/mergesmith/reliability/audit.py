@@ -73,8 +73,32 @@ class Audit:
         except BaseException:
             self.write_failed = True
             raise
+        self._chunk_written(name, part.numel() * part.element_size())
+
+    def copy_at(self, name: str, offset: int, dtype: str, src: tuple[int, int], nbytes: int) -> None:
+        """Bytes of tensor `name` copied from an input file (a pure copy), checked as they land."""
+        torch_dtype = getattr(torch, dtype)
+        forward_copy = self.forward.__self__.copy_at  # type: ignore[union-attr]
+        rejected = []
+
+        def check(view: memoryview) -> None:
+            try:
+                if view.nbytes:
+                    self._scan(name, torch.frombuffer(view, dtype=torch_dtype))
+            except MergeError:
+                rejected.append(name)
+                raise
+
+        try:
+            forward_copy(name, offset, dtype, src, nbytes, check=check)
+        except BaseException:
+            self.write_failed = not rejected
+            raise
+        self._chunk_written(name, nbytes)
+
+    def _chunk_written(self, name: str, nbytes: int) -> None:
         with self._lock:
-            self._bytes_left[name] -= part.numel() * part.element_size()
+            self._bytes_left[name] -= nbytes
             done = self._bytes_left[name] == 0
         if done:
             with self._lock:

@@ -1,4 +1,4 @@
-"""Resumable shard output: a small journal in the staging directory records each finished shard's hash.
+"""Resumable shard output: a small journal in the staging directory records each finished shard's digest.
 
 After an interruption (Ctrl-C, kill -9, a full disk) the staging directory keeps the shards that
 were complete. `run --resume` reuses each one whose hash still matches its journal entry, provided
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from mergesmith.output.shards import PARTIAL, Shard
+from mergesmith.output.shards import PARTIAL, Shard, file_digest
 from mergesmith.plan import Plan
 from mergesmith.sources.model import ModelInfo
 
@@ -26,14 +26,6 @@ log = logging.getLogger("mergesmith")
 
 JOURNAL = ".mergesmith-journal.json"
 INDEX = "model.safetensors.index.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "") -> str:
@@ -71,7 +63,7 @@ class ShardJournal:
         self.shards = shards
         self.fingerprint = fingerprint
         self.path = directory / JOURNAL
-        self.done: dict[str, str] = {}  # file -> sha256
+        self.done: dict[str, str] = {}  # file -> digest (CRC-32 of the file, as the writer computes it)
         self._lock = threading.Lock()
         if resume:
             self.done = self._reusable()
@@ -98,7 +90,7 @@ class ShardJournal:
         reused = {}
         for file, digest in recorded.items():
             path = self.locate(file)
-            if file in files and path is not None and file_sha256(path) == digest:
+            if file in files and path is not None and file_digest(path) == digest:
                 reused[file] = digest
             else:
                 log.warning("--resume: shard %s is missing or changed; it will be written again", file)
@@ -136,7 +128,7 @@ class ShardJournal:
             path = self.locate(shard.file)
             if path is None:
                 return
-            digest = file_sha256(path)
+            digest = file_digest(path)
         with self._lock:
             self.done[shard.file] = digest
             self._save()

@@ -108,7 +108,9 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
         click.echo("holdout tasks: " + ", ".join(f"{k} {v:.6g}" for k, v in held.items()))
         from mergesmith.search.storage import Storage
 
-        Storage(storage_path).write_json("holdout.json", {"index": best["index"], "search": best["scores"], "holdout": held})
+        Storage(storage_path).write_json(
+            "holdout.json", {"index": best["index"], "search": best["scores"], "holdout": held}
+        )
     if opts["save_final_model"]:
         import yaml
 

@@ -1,0 +1,178 @@
+"""The compiled kernels of `_kernels.c`, or NumPy computing the same values where it is missing.
+
+The extension is built when mergesmith is installed from source (optional: a machine without a C
+compiler still installs, and gets the NumPy versions, ~10x slower for DARE masks). `available()`
+says which one runs; `MERGESMITH_NO_KERNELS=1` forces NumPy (the tests compare the two).
+
+The random stream of a 64-bit key: output j = SplitMix64's finaliser of key + (j + 1) * gamma,
+word w = low (even w) or high (odd w) 32 bits of output w // 2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("MERGESMITH_NO_KERNELS"):
+        return None
+    spec = importlib.util.find_spec("mergesmith._kernels")
+    if spec is None or not spec.origin or not spec.origin.endswith((".so", ".pyd", ".dylib")):
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    u64, i64, u32, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
+    lib.ms_words.argtypes = [u64, u64, i64, ptr]
+    lib.ms_keep_mask.argtypes = [u64, u64, i64, u32, ptr]
+    lib.ms_keep_apply.argtypes = [u64, u64, i64, u32, ptr]
+    lib.ms_uniform.argtypes = [u64, u64, i64, ptr]
+    for f in (lib.ms_words, lib.ms_keep_mask, lib.ms_keep_apply, lib.ms_uniform):
+        f.restype = None
+    lib.ms_row_l1.argtypes = [ptr, i64, i64, ptr]
+    lib.ms_row_l1.restype = None
+    lib.ms_keep_apply_l1.argtypes = [u64, u64, i64, i64, u32, ptr, ptr, ptr]
+    lib.ms_keep_apply_l1.restype = None
+    lib.ms_bracket.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr]
+    lib.ms_bracket.restype = i64
+    return lib
+
+
+_LIB = _load()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def _outputs(key: int, first: int, count: int) -> np.ndarray:
+    """64-bit outputs first .. first + count (NumPy; uint64 arithmetic wraps like C's)."""
+    z = np.arange(first + 1, first + count + 1, dtype=np.uint64)
+    z *= GAMMA
+    z += np.uint64(key)
+    t = np.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        z *= mult
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    return z
+
+
+def words(key: int, start: int, count: int) -> np.ndarray:
+    """32-bit words start .. start + count of the stream of `key`."""
+    if _LIB is None:
+        return numpy_words(key, start, count)
+    out = np.empty(count, dtype=np.uint32)
+    _LIB.ms_words(key, start, count, out.ctypes.data)
+    return out
+
+
+def numpy_words(key: int, start: int, count: int) -> np.ndarray:
+    """`words` computed with NumPy (the fallback, and the tests' cross-check of the C code)."""
+    out = np.empty(count, dtype=np.uint32)
+    first = start // 2
+    z = _outputs(key, first, (start + count + 1) // 2 - first)
+    both = np.empty(2 * z.size, dtype=np.uint32)
+    both[0::2] = z & np.uint64(0xFFFFFFFF)
+    both[1::2] = z >> np.uint64(32)
+    out[:] = both[start % 2 : start % 2 + count]
+    return out
+
+
+def keep_mask(key: int, start: int, count: int, cut: int) -> np.ndarray:
+    """word < cut for each word (a boolean array)."""
+    if _LIB is not None:
+        out = np.empty(count, dtype=np.bool_)
+        _LIB.ms_keep_mask(key, start, count, cut, out.ctypes.data)
+        return out
+    return words(key, start, count) < np.uint32(cut)
+
+
+def keep_apply(x: np.ndarray, key: int, start: int, cut: int) -> None:
+    """x *= (word < cut), in place, for a contiguous float32 array (its flat order)."""
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    if _LIB is not None:
+        _LIB.ms_keep_apply(key, start, x.size, cut, x.ctypes.data)
+        return
+    flat = x.reshape(-1)
+    np.multiply(flat, keep_mask(key, start, flat.size, cut), out=flat)
+
+
+def uniform(key: int, start: int, count: int) -> np.ndarray:
+    """Float32 uniforms in [0, 1): (word >> 8) * 2**-24."""
+    out = np.empty(count, dtype=np.float32)
+    if _LIB is not None:
+        _LIB.ms_uniform(key, start, count, out.ctypes.data)
+        return out
+    np.multiply((words(key, start, count) >> np.uint32(8)).astype(np.float32), np.float32(2**-24), out=out)
+    return out
+
+
+def bracket(a: np.ndarray, lo: float, hi: float | None) -> tuple[int, np.ndarray]:
+    """For magnitudes `a` (contiguous float32): how many are not >= lo (NaN among them), and the
+    values in [lo, hi] in order (hi None: no upper bound)."""
+    flat = a.reshape(-1)
+    assert flat.dtype == np.float32 and flat.flags.c_contiguous
+    if _LIB is None:
+        return numpy_bracket(flat, lo, hi)
+    out = np.empty(flat.size, dtype=np.float32)
+    below = ctypes.c_int64()
+    top = np.inf if hi is None else hi
+    k = _LIB.ms_bracket(flat.ctypes.data, flat.size, lo, top, out.ctypes.data, ctypes.byref(below))
+    return below.value, out[:k].copy()
+
+
+def numpy_bracket(a: np.ndarray, lo: float, hi: float | None) -> tuple[int, np.ndarray]:
+    inside = a >= np.float32(lo)
+    below = a.size - int(np.count_nonzero(inside))
+    if hi is not None:
+        inside &= a <= np.float32(hi)
+    return below, a[inside]
+
+
+def row_l1(x: np.ndarray) -> np.ndarray:
+    """Per-row sums of |x| (float64) of a contiguous float32 matrix: eight running sums per row
+    (column c into sum c % 8, in order), added pairwise; the same in C and NumPy, bit for bit."""
+    assert x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous
+    if _LIB is None:
+        return numpy_row_l1(x)
+    out = np.empty(x.shape[0], dtype=np.float64)
+    _LIB.ms_row_l1(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data)
+    return out
+
+
+def numpy_row_l1(x: np.ndarray) -> np.ndarray:
+    rows, cols = x.shape
+    a = np.abs(x.astype(np.float64))
+    k = cols // 8
+    sums = np.zeros((rows, 8), dtype=np.float64)
+    for i in range(k):  # in order, as the C loop adds them (NumPy's own sums are pairwise)
+        sums += a[:, 8 * i : 8 * i + 8]
+    tail = cols - 8 * k
+    sums[:, :tail] += a[:, 8 * k :]
+    return ((sums[:, 0] + sums[:, 1]) + (sums[:, 2] + sums[:, 3])) + (
+        (sums[:, 4] + sums[:, 5]) + (sums[:, 6] + sums[:, 7])
+    )
+
+
+def keep_apply_l1(x: np.ndarray, key: int, start: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """`keep_apply` on a contiguous float32 matrix, returning its per-row L1 norms before and after."""
+    assert x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous
+    if _LIB is None:
+        before = numpy_row_l1(x)
+        keep_apply(x, key, start, cut)
+        return before, numpy_row_l1(x)
+    before = np.empty(x.shape[0], dtype=np.float64)
+    after = np.empty(x.shape[0], dtype=np.float64)
+    _LIB.ms_keep_apply_l1(key, start, x.shape[0], x.shape[1], cut, x.ctypes.data, before.ctypes.data, after.ctypes.data)
+    return before, after

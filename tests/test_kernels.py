@@ -1,0 +1,85 @@
+"""The compiled kernels and their NumPy fallback: the same stream, checked against SplitMix64
+written out here in plain Python integers; fused DARE masking equal to mask-and-multiply; the
+streamed TIES top-k (hardshrink per chunk) equal to the whole-tensor mask on tie-heavy data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergesmith import kernels
+from mergesmith.methods.sparsify import SMALL, Magnitude, top_k_mask
+from mergesmith.rng import TensorRNG
+
+MASK = (1 << 64) - 1
+
+
+def splitmix_word(key: int, w: int) -> int:
+    z = (key + ((w >> 1) + 1) * 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    z ^= z >> 31
+    return (z >> 32) if w & 1 else (z & 0xFFFFFFFF)
+
+
+def test_the_compiled_kernels_are_built():
+    """The editable install builds the extension; without it DARE masks run ~10x slower."""
+    assert kernels.available()
+
+
+@pytest.mark.parametrize("start,count", [(0, 1), (0, 100), (1, 7), (37, 1000), (2**40 + 3, 65)])
+def test_words_are_splitmix64_halves(start, count):
+    key = 0x0123456789ABCDEF
+    expected = np.array([splitmix_word(key, start + i) for i in range(count)], dtype=np.uint32)
+    assert np.array_equal(kernels.words(key, start, count), expected)
+    assert np.array_equal(kernels.numpy_words(key, start, count), expected)
+
+
+def test_chunks_draw_what_the_whole_draws():
+    key = 987654321
+    whole = kernels.words(key, 0, 10_001)
+    parts = np.concatenate([kernels.words(key, a, b - a) for a, b in [(0, 3), (3, 4096), (4096, 9999), (9999, 10_001)]])
+    assert np.array_equal(whole, parts)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.53, 0.9])
+def test_fused_keep_apply_equals_mask_times_values(p):
+    rng = TensorRNG(7, "model.layers.0.mlp.up_proj.weight", ("a", "b"))
+    x = torch.randn(333, 77)
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, -1.0, 0.0])
+    expected = x * (rng.uniform(tuple(x.shape), 1, start=12) < p)
+    got = rng.keep_apply(x.clone(), p, 1, start=12)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))
+    assert torch.equal(rng.keep_mask(tuple(x.shape), p, 1, start=12), rng.uniform(tuple(x.shape), 1, start=12) < p)
+    kept = float((got != 0).float().mean())
+    assert abs(kept - p) < 0.02
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 64, 400])
+def test_streamed_top_k_with_many_ties_equals_the_whole_mask(rows_per_chunk):
+    """Values from a handful of levels: thousands equal the threshold, so chunks keep all, none or
+    (one chunk) some of them; the result is the whole-tensor mask, ties to the lowest index."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = 400, 2800  # > SMALL values: the sampled bracket is used
+    assert rows * cols > SMALL
+    delta = torch.randint(-6, 7, (rows, cols), generator=gen).float() / 8
+    density = 0.37
+    k = int(density * delta.numel())
+    expected = delta * top_k_mask(delta.abs(), k)
+    pruner = Magnitude(density)
+    pruner.setup(delta.numel())
+    flat = delta.reshape(-1)
+    from mergesmith.methods.sparsify import sample_blocks
+
+    pruner.sample(torch.cat([flat[a:b] for a, b in sample_blocks(delta.numel())]))
+    chunks = [(r, min(rows, r + rows_per_chunk)) for r in range(0, rows, rows_per_chunk)]
+    while True:
+        for r0, r1 in chunks:
+            pruner.observe(delta[r0:r1].clone(), r0 * cols)
+        if pruner.finish():
+            break
+    got = torch.cat([pruner.apply(delta[r0:r1].clone(), r0 * cols) for r0, r1 in chunks])
+    assert torch.equal(got, expected)
+    assert int(torch.count_nonzero(got)) == min(k, int(torch.count_nonzero(delta)))
