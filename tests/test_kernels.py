@@ -83,3 +83,44 @@ def test_streamed_top_k_with_many_ties_equals_the_whole_mask(rows_per_chunk):
     got = torch.cat([pruner.apply(delta[r0:r1].clone(), r0 * cols) for r0, r1 in chunks])
     assert torch.equal(got, expected)
     assert int(torch.count_nonzero(got)) == min(k, int(torch.count_nonzero(delta)))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (1.0, -0.4), (0.7,)])
+def test_compiled_ties_merge_equals_the_torch_operations(monkeypatch, normalize, weights):
+    """The fused TIES consensus/disjoint merge gives the torch path's values (zeros, sign ties, a NaN)."""
+    from mergesmith.methods.task_vectors import merge_task_vectors
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(97, 31, generator=gen)
+    xs = [base + torch.randint(-3, 4, (97, 31), generator=gen).float() / 4 for _ in weights]
+    xs[0][0, 0] = float("nan")
+
+    def run():
+        return merge_task_vectors(
+            [x.clone() for x in xs],
+            base.clone(),
+            list(weights),
+            prune=None,
+            consensus=True,
+            normalize=normalize,
+            lambda_=0.9,
+        )
+
+    fused = run()
+    monkeypatch.setattr(kernels, "_LIB", None)
+    reference = run()
+    assert torch.equal(fused.isnan(), reference.isnan()) and bool(fused.isnan().any())
+    assert torch.equal(torch.nan_to_num(fused), torch.nan_to_num(reference))
+
+
+@pytest.mark.parametrize("hi", [0.8, None])
+def test_bracket_counts_and_gathers_as_numpy(hi):
+    gen = np.random.default_rng(5)
+    a = np.abs(gen.standard_normal(100_003)).astype(np.float32)
+    a[[3, 77, 99_999]] = np.nan  # counted below lo, never gathered
+    below, inside = kernels.bracket(a, 0.7, hi)
+    assert below == int(np.count_nonzero(~(a >= 0.7)))
+    expected = a[(a >= 0.7) & (a <= (np.inf if hi is None else hi))]
+    assert np.array_equal(inside, expected)
+    assert (below, inside.tolist()) == (lambda r: (r[0], r[1].tolist()))(kernels.numpy_bracket(a, 0.7, hi))

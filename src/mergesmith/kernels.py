@@ -41,6 +41,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_row_l1.restype = None
     lib.ms_keep_apply_l1.argtypes = [u64, u64, i64, i64, u32, ptr, ptr, ptr]
     lib.ms_keep_apply_l1.restype = None
+    lib.ms_ties_combine.argtypes = [ptr, ctypes.c_int32, ptr, ctypes.c_int32, ctypes.c_float, i64]
+    lib.ms_ties_combine.restype = None
     lib.ms_bracket.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr]
     lib.ms_bracket.restype = i64
     return lib
@@ -176,3 +178,17 @@ def keep_apply_l1(x: np.ndarray, key: int, start: int, cut: int) -> tuple[np.nda
     after = np.empty(x.shape[0], dtype=np.float64)
     _LIB.ms_keep_apply_l1(key, start, x.shape[0], x.shape[1], cut, x.ctypes.data, before.ctypes.data, after.ctypes.data)
     return before, after
+
+
+def ties_combine(deltas: list[np.ndarray], weights: list[float], normalize: bool, floor: float) -> np.ndarray | None:
+    """TIES' sign consensus and disjoint merge of weighted task vectors (contiguous float32 arrays of
+    one size), in place into deltas[0], as `task_vectors.merge_task_vectors` computes it with torch;
+    None (nothing done) without the compiled library."""
+    if _LIB is None:
+        return None
+    n = deltas[0].size
+    assert all(d.dtype == np.float32 and d.flags.c_contiguous and d.size == n for d in deltas)
+    ptrs = (ctypes.c_void_p * len(deltas))(*[d.ctypes.data for d in deltas])
+    w = np.asarray(weights, dtype=np.float32)
+    _LIB.ms_ties_combine(ptrs, len(deltas), w.ctypes.data, int(normalize), floor, n)
+    return deltas[0]

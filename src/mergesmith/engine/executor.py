@@ -10,6 +10,8 @@ whatever the model size; the others get whole tensors. See docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from collections import deque
@@ -246,6 +248,18 @@ class Executor:
         same = x.dtype == torch_dtype(t.dtype) and (self.dtype is None or self.dtype == x.dtype)
         return same and tuple(x.shape) == t.shape and x.is_contiguous() and self.files.maps(x)
 
+    def _prefetch(self, t: OutputTensor) -> None:
+        """Ask the kernel to read the inputs of `t` (the next tensor) into the page cache now, in the
+        background, so the reads of `t` find them there (models not yet cached, or evicted since)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for view in read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs]):
+            if view.is_contiguous() and self.files.maps(view):
+                fd, offset = self.files.location(view)
+                with contextlib.suppress(OSError):
+                    advise(fd, offset, view.numel() * view.element_size(), os.POSIX_FADV_WILLNEED)
+
     def _copy_job(self, t: OutputTensor, writer: _Writer) -> bool:
         """Hand a pure copy to the writer as the input's file location: no staging buffer at all."""
         raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
@@ -367,7 +381,12 @@ class Executor:
             torch.set_num_threads(1)
         writer = _Writer(write_at, self.files.release, copy_at, slots=2 * self.workers + 2)
         try:
-            for t in self.plan.tensors:
+            tensors = self.plan.tensors
+            if tensors:
+                self._prefetch(tensors[0])
+            for k, t in enumerate(tensors):
+                if k + 1 < len(tensors):
+                    self._prefetch(tensors[k + 1])
                 if copy_at is not None and self._copy_job(t, writer):
                     if progress is not None:
                         progress(t)

@@ -32,6 +32,7 @@ class MappedFiles:
     def __init__(self) -> None:
         self._files: dict[Path, tuple[np.memmap, int, dict] | None] = {}
         self._fds: dict[Path, int] = {}
+        self._spans: dict[Path, tuple[int, int]] = {}  # path -> (address, size) of its map
         self._lock = threading.Lock()
 
     def _open(self, path: Path) -> tuple[np.memmap, int, dict] | None:
@@ -42,15 +43,16 @@ class MappedFiles:
                     header = json.loads(f.read(n))
                 mm = np.memmap(path, dtype=np.uint8, mode="r")
                 self._files[path] = (mm, 8 + n, header)
+                self._spans[path] = (mm.ctypes.data, mm.nbytes)  # (NumPy's .ctypes is slow to ask per chunk)
             except (OSError, ValueError, struct.error):
                 self._files[path] = None
         return self._files[path]
 
     def _where(self, t: torch.Tensor) -> tuple[Path, int] | None:
         start = t.data_ptr()
-        for path, opened in list(self._files.items()):
-            if opened is not None and opened[0].ctypes.data <= start < opened[0].ctypes.data + opened[0].nbytes:
-                return path, start - opened[0].ctypes.data
+        for path, (base, size) in list(self._spans.items()):
+            if base <= start < base + size:
+                return path, start - base
         return None
 
     def maps(self, t: torch.Tensor) -> bool:
@@ -90,12 +92,9 @@ class MappedFiles:
         a whole model through the map does not pile up in the resident set."""
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
-        for opened in list(self._files.values()):  # list(): the writer thread releases too
-            if opened is None:
-                continue
-            mm = opened[0]
-            base = mm.ctypes.data
-            if base <= start < base + mm.nbytes:
+        for path, (base, size) in list(self._spans.items()):  # list(): the writer thread releases too
+            mm = self._files[path][0]
+            if base <= start < base + size:
                 lo = (start - base) // PAGE * PAGE
                 hi = min(-(-(end - base) // PAGE) * PAGE, mm.nbytes)
                 raw = getattr(mm, "_mmap", None)

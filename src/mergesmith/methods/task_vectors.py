@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from mergesmith import kernels
 from mergesmith.methods.sparsify import Pruner, prune_whole
 
 PrunerFor = Callable[[int], Pruner]
@@ -52,6 +53,13 @@ class Streaming:
         """This stream at the chunk starting at flat element `start` (same pruners): chunks may be
         merged concurrently, each with its own view."""
         return replace(self, start=start)
+
+
+def _fused(deltas: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled TIES merge can take these deltas (contiguous float32 on the CPU)."""
+    return kernels.available() and all(
+        d.device.type == "cpu" and d.dtype == torch.float32 and d.is_contiguous() for d in deltas
+    )
 
 
 def sign_consensus(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -92,6 +100,12 @@ def merge_task_vectors(
         if prune is not None:
             d = prune_whole(prune(i), d) if stream is None else stream.pruner(i, prune).apply(d, stream.start)
         deltas.append(d.mul_(weights[i]))
+    if consensus and _fused(deltas):  # the same float32 operations, one pass (`kernels.ties_combine`)
+        floor = min(weights) / 2 if min(weights) > 0 else 0.0
+        combined = torch.from_numpy(
+            kernels.ties_combine([d.numpy() for d in deltas], list(weights), normalize, floor)
+        ).view(deltas[0].shape)
+        return base.add_(combined, alpha=lambda_)
     if consensus:  # in place: the deltas become their agreeing parts
         elected = sign_consensus(deltas)
         divisor = torch.zeros_like(base) if normalize else None
