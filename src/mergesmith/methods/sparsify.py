@@ -60,6 +60,27 @@ def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
     return torch.kthvalue(flat, r).values
 
 
+def kth_candidate(values: torch.Tensor, r: int) -> torch.Tensor:
+    """The r-th smallest (1-based) of NaN-free bracket candidates, exact: on the CPU a small strided
+    sample brackets it again (one `kernels.bracket` pass) and NumPy's partition finishes
+    (`kthvalue` costs ~16 ns per value here, a partition ~8, the bracket 0.2)."""
+    if values.device.type != "cpu" or values.dtype != torch.float32:
+        return torch.kthvalue(values, r).values
+    v = values.contiguous().numpy()
+    n = v.size
+    if n > 1 << 16:
+        sample = v[:: n // 4096]
+        m = sample.size
+        q, slack = r / n * m, 4.0 * m**0.5 + 2
+        lo_i, hi_i = int(q - slack), int(q + slack)
+        if 0 <= lo_i and hi_i < m:
+            part = np.partition(sample, [lo_i, hi_i])
+            below, inside = kernels.bracket(v, float(part[lo_i]), float(part[hi_i]))
+            if below < r <= below + inside.size:
+                v, r = inside, r - below
+    return torch.tensor(np.partition(v, r - 1)[r - 1])
+
+
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the `k` largest entries of `values` (any shape); ties go to the lowest flat index."""
     flat = values.reshape(-1)
@@ -161,13 +182,18 @@ class _TopK:
         self.observed: dict[int, tuple[int, torch.Tensor]] = {}  # chunk start -> (below lo, candidates)
 
     def sample(self, magnitudes: torch.Tensor) -> None:
-        sample = torch.sort(magnitudes.reshape(-1)).values
-        m = sample.numel()
+        flat = magnitudes.reshape(-1)
+        m = flat.numel()
         q = self.r / self.n * m
         slack = 4.0 * m**0.5 + 2
         lo_i, hi_i = int(q - slack), int(q + slack)
-        self.lo = float(sample[lo_i]) if lo_i >= 0 else None
-        self.hi = float(sample[hi_i]) if hi_i < m else None
+        picks = [i for i in (lo_i, hi_i) if 0 <= i < m]
+        if flat.device.type == "cpu" and picks:  # two order statistics: a partition, not a sort (0.8 vs 5.5 ms)
+            ordered = np.partition(flat.contiguous().numpy(), picks)
+        else:
+            ordered = torch.sort(flat).values
+        self.lo = float(ordered[lo_i]) if lo_i >= 0 else None
+        self.hi = float(ordered[hi_i]) if hi_i < m else None
 
     def observe(self, a: torch.Tensor, start: int) -> None:
         a = a.reshape(-1)
@@ -198,7 +224,7 @@ class _TopK:
                 self.lo, self.hi = self.hi, None
             self._reset()
             return False
-        t = torch.kthvalue(values, self.r - below).values
+        t = kth_candidate(values, self.r - below)
         self.threshold = float(t)
         above = self.n - below - int(torch.count_nonzero(values <= t))
         self.missing = left = self.k - above
