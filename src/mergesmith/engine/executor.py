@@ -115,12 +115,14 @@ class _Writer:
                 if self.error is None:
                     if job[0] == "copy":
                         self.copy_at(*job[1:])
+                    elif job[5]:  # scanned by the computing worker already
+                        self.write_at(*job[1:4], scanned=True)
                     else:
                         self.write_at(*job[1:4])
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
             if job[0] == "chunk":
-                _, _, _, tensor, slot = job
+                _, _, _, tensor, slot, _ = job
                 if slot is None:
                     self.release(tensor)
                 else:
@@ -131,8 +133,8 @@ class _Writer:
             raise self.error
         return self.free.get()
 
-    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers | None) -> None:
-        self.jobs.put(("chunk", name, offset, tensor, slot))
+    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers | None, checked: bool = False) -> None:
+        self.jobs.put(("chunk", name, offset, tensor, slot, checked))
 
     def copy(self, name: str, dtype: str, src: tuple[int, int], nbytes: int) -> None:
         if self.error is not None:
@@ -165,6 +167,7 @@ class Executor:
         self._local = threading.local()  # scratch buffers, one set per computing thread
         self._pool: ThreadPoolExecutor | None = None
         self.workers = 1
+        self._check: Callable[[str, torch.Tensor], None] | None = None  # the writer's scan, if it has one
 
     @property
     def buffers(self) -> Buffers:
@@ -235,7 +238,7 @@ class Executor:
         out = torch.empty(t.shape, dtype=out_dtype)
         flat = out.view(-1)
         scratch = Buffers(torch.device("cpu"))
-        for offset, part, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
+        for offset, part, _, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
             start = offset // out.element_size()
             flat[start : start + part.numel()].copy_(part.reshape(-1))
         return out
@@ -270,9 +273,17 @@ class Executor:
         writer.copy(t.name, t.dtype, self.files.location(x), x.numel() * x.element_size())
         return True
 
+    def _checked(self, t: OutputTensor, chunk: torch.Tensor) -> bool:
+        """Run the writer's check (the audit's NaN/Inf scan) on `chunk` here, in the computing worker,
+        where it runs beside the other worker rather than in the one writing thread; True if run."""
+        if self._check is None:
+            return False
+        self._check(t.name, chunk)
+        return True
+
     def _parts(self, t: OutputTensor, target: Target):
-        """Yield (byte offset, output chunk, token) for `t`; chunks are cast into the buffers that
-        `target(shape)` gives as (buffer, token)."""
+        """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
+        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk."""
         raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
         out_dtype = torch_dtype(t.dtype)
         if self._pure_copy(t, raw):  # the input's bytes are the output's: no float32 round trip
@@ -281,7 +292,7 @@ class Executor:
                 part = flat[start : start + COPY_ELEMENTS]
                 dest, token = target((part.numel(),))
                 self.files.read_into(part, dest)
-                yield start * flat.element_size(), dest, token
+                yield start * flat.element_size(), dest, token, False
             return
         if not raw[0].is_floating_point():
             src = raw[t.base if t.base is not None else 0]
@@ -289,7 +300,7 @@ class Executor:
                 src = src.to(self.dtype)
             dest, token = target(tuple(src.shape))
             dest.copy_(src)
-            yield 0, dest, token
+            yield 0, dest, token, False
             return
         if get_method(t.method).streams and len(t.shape) >= 2 and all(tuple(r.shape) == t.shape for r in raw):
             yield from self._streamed(t, raw, target)
@@ -308,12 +319,12 @@ class Executor:
         item = torch.empty((), dtype=out_dtype).element_size()
         per_row_bytes = _numel(t.shape[1:]) * item if t.shape else item
 
-        def merge(r0: int) -> tuple[int, torch.Tensor, object]:
+        def merge(r0: int) -> tuple[int, torch.Tensor, object, bool]:
             r1 = min(rows, r0 + step)
             result = self._apply(t, [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)])
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row_bytes, dest, token
+            return r0 * per_row_bytes, dest, token, self._checked(t, dest)
 
         yield from self._in_order(merge, range(0, rows, step))
 
@@ -349,12 +360,12 @@ class Executor:
         stream.phase = "apply"
         item = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
 
-        def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object]:
+        def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object, bool]:
             r0, r1 = chunk
             result = self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row * item, dest, token
+            return r0 * per_row * item, dest, token, self._checked(t, dest)
 
         yield from self._in_order(merge, chunks)
 
@@ -372,6 +383,7 @@ class Executor:
                     progress(t)
             return
         copy_at = getattr(owner, "copy_at", None)
+        self._check = getattr(owner, "scan", None)
         keep_freed_memory()
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and threads > 1:
@@ -398,14 +410,15 @@ class Executor:
                     slot = writer.slot()
                     return slot.get(0, shape, dt), slot
 
-                for offset, part, slot in self._parts(t, target):
-                    writer.put(t.name, offset, part, slot)  # no slot: a view of an input file
+                for offset, part, slot, checked in self._parts(t, target):
+                    writer.put(t.name, offset, part, slot, checked)  # no slot: a view of an input file
                 if progress is not None:
                     progress(t)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+            self._check = None
             torch.set_num_threads(threads)
             writer.finish()
 

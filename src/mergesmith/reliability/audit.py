@@ -64,9 +64,15 @@ class Audit:
             raise
         self._tensor_written(name)
 
-    def write_at(self, name: str, offset: int, part: torch.Tensor) -> None:
-        """A chunk of tensor `name` (the executor writes large tensors in row chunks)."""
+    def scan(self, name: str, part: torch.Tensor) -> None:
+        """The NaN/Inf check of a chunk, for the executor to run in its computing workers."""
         self._scan(name, part)
+
+    def write_at(self, name: str, offset: int, part: torch.Tensor, scanned: bool = False) -> None:
+        """A chunk of tensor `name` (the executor writes large tensors in row chunks); `scanned`: the
+        executor already ran `scan` on it."""
+        if not scanned:
+            self._scan(name, part)
         forward_at = self.forward.__self__.write_at  # type: ignore[union-attr]
         try:
             forward_at(name, offset, part)
