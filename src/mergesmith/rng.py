@@ -32,11 +32,6 @@ class TensorRNG:
         digest = hashlib.blake2b(f"{self.seed}\0{self.key}\0{label}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little")
 
-    def words(self, start: int, count: int, stream: int) -> np.ndarray:
-        """Raw 32-bit words `start` .. `start + count` of a stream: any chunk of a tensor's draws
-        costs only its own length, and chunked draws equal whole ones."""
-        return kernels.words(self._key(stream), start, count)
-
     def uniform(
         self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None, start: int = 0
     ) -> torch.Tensor:
