@@ -72,8 +72,12 @@ class Buffers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._store: dict[object, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # (slot, shape, dtype) -> view of the slot's buffer
 
     def get(self, slot: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        view = self._views.get((slot, shape, dtype))
+        if view is not None:  # the same chunk shape as before: no view chain to rebuild
+            return view
         n = 1
         for s in shape:
             n *= s
@@ -81,9 +85,13 @@ class Buffers:
         buf = self._store.get(slot)
         if buf is None or buf.numel() < nbytes:
             self._store.pop(slot, None)
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._store[slot] = buf
-        return buf[:nbytes].view(dtype)[:n].view(shape)
+        view = buf[:nbytes].view(dtype)[:n].view(shape)
+        if len(self._views) < 256:
+            self._views[(slot, shape, dtype)] = view
+        return view
 
 
 class _Writer:
@@ -220,16 +228,19 @@ class Executor:
 
         A view of a mapped file is first read with pread into a reused staging buffer: faulting the
         mapped pages in (and dropping them again) costs several times more than the copy."""
-        if raw.is_contiguous() and self.files.maps(raw):
+        mapped = raw.is_contiguous() and self.files.maps(raw)
+        if mapped:  # read, never faulted in: nothing to release afterwards
             staged = self.staging.get(slot, tuple(raw.shape), raw.dtype)
             self.files.read_into(raw, staged)
             raw = staged
         if self.dtype is not None and raw.dtype != self.dtype:
-            mapped, raw = raw, raw.to(self.dtype)
-            self.files.release(mapped)
+            view, raw = raw, raw.to(self.dtype)
+            if not mapped:
+                self.files.release(view)
         buf = self.buffers.get(slot, tuple(raw.shape), torch.float32)
         buf.copy_(raw)
-        self.files.release(raw)
+        if not mapped:
+            self.files.release(raw)
         return buf
 
     def compute(self, t: OutputTensor) -> torch.Tensor:
