@@ -124,3 +124,35 @@ def test_bracket_counts_and_gathers_as_numpy(hi):
     expected = a[(a >= 0.7) & (a <= (np.inf if hi is None else hi))]
     assert np.array_equal(inside, expected)
     assert (below, inside.tolist()) == (lambda r: (r[0], r[1].tolist()))(kernels.numpy_bracket(a, 0.7, hi))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_merges_with_and_without_the_compiled_kernels_are_identical(models, tmp_path, monkeypatch, method):
+    """End to end from YAML: the NumPy/torch fallback writes the same bytes as the kernels."""
+    from conftest import merge, tensors
+
+    from mergesmith.engine import executor
+    from mergesmith.methods import sparsify
+
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 200)  # several chunks per tensor
+    monkeypatch.setattr(sparsify, "SMALL", 50)  # thresholds bracketed by a sample (the bracket kernel)
+    monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
+    monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
+    params = {"weight": 0.5, "density": 0.6}
+    if method == "della":
+        params["epsilon"] = 0.1
+    if method == "breadcrumbs_ties":
+        params["gamma"] = 0.05
+    recipe = {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[k]), "parameters": params} for k in ("ft1", "ft2")],
+        "dtype": "float32",
+    }
+    merge(recipe, tmp_path / "compiled")
+    monkeypatch.setattr(kernels, "_LIB", None)
+    merge(recipe, tmp_path / "fallback")
+    a, b = tensors(tmp_path / "compiled"), tensors(tmp_path / "fallback")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
