@@ -96,7 +96,7 @@ def write_weights(
 
     The audit checks each tensor before the writer gets it and skips the shards a resumed run reuses."""
     audit = audit or open_audit(directory, plan, models, options)
-    writer = ShardWriter(directory, audit.journal.pending)
+    writer = ShardWriter(directory, audit.journal.pending, index=False)  # the journal writes the whole index
     try:
         sources = aligned_sources(models, open_sources(models))  # embeddings on the output vocabulary
         executor = Executor(

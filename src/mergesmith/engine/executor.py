@@ -100,15 +100,10 @@ class _Writer:
     writer as (file descriptor, offset) and are read straight into its output blocks."""
 
     def __init__(
-        self,
-        write_at: Callable[[str, int, torch.Tensor], None],
-        release: Callable[[torch.Tensor], None],
-        copy_at: Callable[..., None] | None,
-        slots: int = 3,
+        self, write_at: Callable[[str, int, torch.Tensor], None], copy_at: Callable[..., None] | None, slots: int = 3
     ) -> None:
         self.write_at = write_at
         self.copy_at = copy_at
-        self.release = release  # for chunks that are views of an input file
         self.free: queue.Queue[Buffers] = queue.Queue()
         for _ in range(slots):
             self.free.put(Buffers(torch.device("cpu")))
@@ -130,18 +125,14 @@ class _Writer:
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
             if job[0] == "chunk":
-                _, _, _, tensor, slot, _ = job
-                if slot is None:
-                    self.release(tensor)
-                else:
-                    self.free.put(slot)
+                self.free.put(job[4])  # the chunk's bytes are in the file: its slot is free again
 
     def slot(self) -> Buffers:
         if self.error is not None:
             raise self.error
         return self.free.get()
 
-    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers | None, checked: bool = False) -> None:
+    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers, checked: bool = False) -> None:
         self.jobs.put(("chunk", name, offset, tensor, slot, checked))
 
     def copy(self, name: str, dtype: str, src: tuple[int, int], nbytes: int) -> None:
@@ -269,15 +260,18 @@ class Executor:
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
-        for view in read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs]):
+        for view in self._views(t):
             if view.is_contiguous() and self.files.maps(view):
                 fd, offset = self.files.location(view)
                 with contextlib.suppress(OSError):
                     advise(fd, offset, view.numel() * view.element_size(), os.POSIX_FADV_WILLNEED)
 
-    def _copy_job(self, t: OutputTensor, writer: _Writer) -> bool:
+    def _views(self, t: OutputTensor) -> list[torch.Tensor]:
+        """The inputs of `t`: views of the mapped files (or loaded tensors, as fallback)."""
+        return read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+
+    def _copy_job(self, t: OutputTensor, raw: list[torch.Tensor], writer: _Writer) -> bool:
         """Hand a pure copy to the writer as the input's file location: no staging buffer at all."""
-        raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
         if not self._pure_copy(t, raw):
             return False
         x = raw[0]
@@ -292,10 +286,11 @@ class Executor:
         self._check(t.name, chunk)
         return True
 
-    def _parts(self, t: OutputTensor, target: Target):
+    def _parts(self, t: OutputTensor, target: Target, raw: list[torch.Tensor] | None = None):
         """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
-        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk."""
-        raw = read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk.
+        `raw`: the inputs' views, when the caller has them already."""
+        raw = self._views(t) if raw is None else raw
         out_dtype = torch_dtype(t.dtype)
         if self._pure_copy(t, raw):  # the input's bytes are the output's: no float32 round trip
             flat = raw[0].reshape(-1)
@@ -403,7 +398,7 @@ class Executor:
             self.workers = min(threads, 8)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mergesmith-compute")
             torch.set_num_threads(1)
-        writer = _Writer(write_at, self.files.release, copy_at, slots=2 * self.workers + 2)
+        writer = _Writer(write_at, copy_at, slots=2 * self.workers + 2)
         try:
             tensors = self.plan.tensors
             if tensors:
@@ -411,7 +406,8 @@ class Executor:
             for k, t in enumerate(tensors):
                 if k + 1 < len(tensors):
                     self._prefetch(tensors[k + 1])
-                if copy_at is not None and self._copy_job(t, writer):
+                raw = self._views(t)
+                if copy_at is not None and self._copy_job(t, raw, writer):
                     if progress is not None:
                         progress(t)
                     continue
@@ -421,8 +417,8 @@ class Executor:
                     slot = writer.slot()
                     return slot.get(0, shape, dt), slot
 
-                for offset, part, slot, checked in self._parts(t, target):
-                    writer.put(t.name, offset, part, slot, checked)  # no slot: a view of an input file
+                for offset, part, slot, checked in self._parts(t, target, raw):
+                    writer.put(t.name, offset, part, slot, checked)
                 if progress is not None:
                     progress(t)
         finally:

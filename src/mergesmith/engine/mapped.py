@@ -78,14 +78,8 @@ class MappedFiles:
         assert dest.is_contiguous()
         fd, offset = self.location(t)
         view = memoryview(dest.view(-1).view(torch.uint8).numpy())
-        n = t.numel() * t.element_size()
-        assert view.nbytes == n
-        done = 0
-        while done < n:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"short read from {self._where(t)[0]}")
-            done += got
+        assert view.nbytes == t.numel() * t.element_size()
+        pread_exact(fd, view, offset, str(self._where(t)[0]))
 
     def release(self, t: torch.Tensor) -> None:
         """Drop the mapped pages under `t` from this process (the page cache keeps them), so reading
@@ -129,6 +123,16 @@ class MappedFiles:
             warnings.simplefilter("ignore")  # read-only memory: we never write through these views
             t = torch.from_numpy(arr)
         return t.view(torch_dtype) if torch_dtype is torch.bfloat16 else t
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, where: str) -> None:
+    """Fill `view` (bytes) from file descriptor `fd` at `offset`; `where` names the file in errors."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read from {where}")
+        done += got
 
 
 def read_views(files: MappedFiles, readers: Mapping[str, TensorSource], refs: list[tuple[str, str]]) -> list:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergesmith.engine.mapped import pread_exact
 from mergesmith.errors import MergeError
 from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
 
@@ -110,6 +111,17 @@ def _open_direct(path: Path) -> int | None:
         return None  # a file system without direct I/O (tmpfs on older kernels)
 
 
+def write_index(directory: Path, shards: list[Shard]) -> None:
+    """The index of a sharded output (none for a single file), as transformers reads it."""
+    if len(shards) <= 1:
+        return
+    index = {
+        "metadata": {"total_size": sum(s.slots[-1].end for s in shards if s.slots)},
+        "weight_map": {slot.name: shard.file for shard in shards for slot in shard.slots},
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 class _Block:
     """A page-aligned buffer of BLOCK bytes (anonymous memory map)."""
 
@@ -132,7 +144,7 @@ class _File:
         self.ordered = True
         self.next = 0  # the next byte expected in order
         self.block: _Block | None = None
-        self.block_start = 0  # file offset of the current block's first byte (a multiple of BLOCK)
+        self.block_start = 0  # file offset of the current block's first byte (a multiple of ALIGN)
         self.fill = 0
         self.carry = b""  # bytes past the last aligned write while the file holds no block
         self.crc = 0
@@ -235,10 +247,13 @@ class ShardWriter:
     with O_DIRECT by an I/O thread; a shard written in offset order (the executor writes so) gets
     a CRC-32 of its bytes as they go (`on_hashed`, for the resume journal) with nothing read back."""
 
-    def __init__(self, directory: Path, shards: list[Shard], fsync: bool = True) -> None:
+    def __init__(self, directory: Path, shards: list[Shard], fsync: bool = True, index: bool = True) -> None:
+        """`index`: write the index of the shards on `close` (False where they are only part of the
+        output, as a resumed merge's: its journal writes the whole index)."""
         self.directory = directory
         self.shards = shards
         self.fsync = fsync
+        self.index = index
         self._where: dict[str, tuple[_File, TensorSlot]] = {}
         self._files: list[_File] = []
         self._lock = threading.Lock()
@@ -316,7 +331,7 @@ class ShardWriter:
             self._unorder(file)
             if src is not None:
                 raw = bytearray(nbytes)
-                _pread(src[0], memoryview(raw), src[1])
+                pread_exact(src[0], memoryview(raw), src[1], f"input descriptor {src[0]}")
                 data = raw
             _pwrite(file.fd, data, offset, file.path)
             return [memoryview(data).cast("B")]
@@ -334,7 +349,7 @@ class ShardWriter:
             n = min(BLOCK - file.fill, nbytes - pos)
             a = file.fill
             if source is None:
-                _pread(src[0], file.block.view[a : a + n], src[1] + pos)
+                pread_exact(src[0], file.block.view[a : a + n], src[1] + pos, f"input descriptor {src[0]}")
             else:
                 file.block.array[a : a + n] = source[pos : pos + n]
             filled.append(file.block.view[a : a + n])
@@ -441,12 +456,8 @@ class ShardWriter:
         self._files = []
         for shard in self.shards:
             os.replace(self.directory / (shard.file + PARTIAL), self.directory / shard.file)
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.slots[-1].end for s in self.shards if s.slots)},
-                "weight_map": {slot.name: shard.file for shard in self.shards for slot in shard.slots},
-            }
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.index:
+            write_index(self.directory, self.shards)
         return [s.file for s in self.shards]
 
     def abort(self) -> None:
@@ -454,12 +465,3 @@ class ShardWriter:
         for file in self._files:
             file.close(fsync=False)
         self._files = []
-
-
-def _pread(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"short read (descriptor {fd}, offset {offset + done})")
-        done += got

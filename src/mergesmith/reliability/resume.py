@@ -18,14 +18,13 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from mergesmith.output.shards import PARTIAL, Shard, file_digest
+from mergesmith.output.shards import PARTIAL, Shard, file_digest, write_index
 from mergesmith.plan import Plan
 from mergesmith.sources.model import ModelInfo
 
 log = logging.getLogger("mergesmith")
 
 JOURNAL = ".mergesmith-journal.json"
-INDEX = "model.safetensors.index.json"
 
 
 def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "") -> str:
@@ -42,17 +41,6 @@ def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], s
             st = (info.directory / file).stat()
             h.update(f"{key}|{info.directory.resolve()}/{file}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
-
-
-def write_index(directory: Path, shards: list[Shard]) -> None:
-    """The index of a sharded output, written the same way by a fresh and a resumed run."""
-    if len(shards) <= 1:
-        return
-    index = {
-        "metadata": {"total_size": sum(s.slots[-1].end for s in shards if s.slots)},
-        "weight_map": {slot.name: shard.file for shard in shards for slot in shard.slots},
-    }
-    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 class ShardJournal:
