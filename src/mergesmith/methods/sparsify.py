@@ -28,13 +28,18 @@ SMALL = 1 << 20
 
 
 def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
-    """The exact r-th smallest value (1-based) of a 1-D tensor, in O(n).
+    """The exact r-th smallest value (1-based) of a 1-D tensor, in O(n); NaN orders last, as in
+    `torch.kthvalue`.
 
-    A fixed strided sample of ~64K values brackets the answer between two of its order statistics
-    (lo, hi); one counting pass gives how many values lie below lo, the few in [lo, hi] are
-    gathered and `kthvalue` runs on those only. The result is checked to be bracketed; if the
-    sample was unlucky (or values are NaN) it falls back to a full `kthvalue`. Deterministic.
+    A fixed strided sample brackets the answer between two of its order statistics (lo, hi); one
+    counting pass gives how many values lie below lo, the few in [lo, hi] are gathered and the answer
+    is selected among those only. The result is checked to be bracketed; if the sample was unlucky
+    (or values are NaN) it is selected among all the values. Deterministic. On the CPU (float32) the
+    pass is `kernels.bracket` and NumPy's partition selects (`kthvalue` costs ~16 ns per value here,
+    a partition ~8, the bracket 0.2); elsewhere torch does both.
     """
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        return _kth_smallest_cpu(flat.contiguous().numpy(), r)
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, r).values
@@ -60,15 +65,9 @@ def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
     return torch.kthvalue(flat, r).values
 
 
-def kth_candidate(values: torch.Tensor, r: int) -> torch.Tensor:
-    """The r-th smallest (1-based) of NaN-free bracket candidates, exact: on the CPU a small strided
-    sample brackets it again (one `kernels.bracket` pass) and NumPy's partition finishes
-    (`kthvalue` costs ~16 ns per value here, a partition ~8, the bracket 0.2)."""
-    if values.device.type != "cpu" or values.dtype != torch.float32:
-        return torch.kthvalue(values, r).values
-    v = values.contiguous().numpy()
+def _kth_smallest_cpu(v: np.ndarray, r: int) -> torch.Tensor:
     n = v.size
-    if n > 1 << 16:
+    if n > 1 << 16 and not np.isnan(v).any():  # the bracket counts NaN below lo: only NaN-free values
         sample = v[:: n // 4096]
         m = sample.size
         q, slack = r / n * m, 4.0 * m**0.5 + 2
@@ -224,7 +223,7 @@ class _TopK:
                 self.lo, self.hi = self.hi, None
             self._reset()
             return False
-        t = kth_candidate(values, self.r - below)
+        t = kth_smallest(values, self.r - below)
         self.threshold = float(t)
         above = self.n - below - int(torch.count_nonzero(values <= t))
         self.missing = left = self.k - above
@@ -370,13 +369,17 @@ class Random(Pruner):
     def observe(self, delta: torch.Tensor, start: int) -> None:
         if not self.needs_observe:
             return
-        if type(self) is Random and delta.device.type == "cpu" and delta.dtype == torch.float32:
-            rows = rows_of(delta)  # one fused pass: norm, mask, norm
-            before, after = self.rng.keep_apply_l1(rows.contiguous(), self.density, self.stream, start)
-        else:
-            before, after = row_l1(delta), row_l1(self.drop(delta, start, observing=True))
+        fused = self._drop_with_l1(delta, start)
+        before, after = fused or (row_l1(delta), row_l1(self.drop(delta, start, observing=True)))
         self.row_sums[0].extend(before)
         self.row_sums[1].extend(after)
+
+    def _drop_with_l1(self, delta: torch.Tensor, start: int) -> tuple[list, list] | None:
+        """Per-row L1 norms before and after `drop`, in one fused pass where the kernel applies
+        (a float32 CPU chunk); None elsewhere."""
+        if delta.device.type != "cpu" or delta.dtype != torch.float32:
+            return None
+        return self.rng.keep_apply_l1(rows_of(delta).contiguous(), self.density, self.stream, start)
 
     def finish(self) -> bool:
         self.l1 = [math.fsum(self.row_sums[0]), math.fsum(self.row_sums[1])]
@@ -415,6 +418,9 @@ class MagPrune(Random):
             ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True).to(rows.dtype)
             p = (self.density - self.epsilon) + (2 * self.epsilon / (n - 1)) * ranks
         return self.rng.keep_mask(rows.shape, p, self.stream, rows.device, start).view(delta.shape)
+
+    def _drop_with_l1(self, delta: torch.Tensor, start: int) -> None:
+        return None  # the mask depends on the ranks, not on one probability: no fused pass
 
     def drop(self, delta: torch.Tensor, start: int, observing: bool) -> torch.Tensor:
         stored = self.masks.pop(start, None)
