@@ -17,8 +17,6 @@ cannot be reached, a model already in the cache is used as before.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,11 @@ from typing import Any
 from mergesmith.errors import MergeError
 from mergesmith.sources.model import (
     HUB_PATTERNS,
-    ST_DTYPES,
     ModelInfo,
     TensorMeta,
+    header_length,
     load_model_info,
+    parse_header,
     read_json,
 )
 from mergesmith.sources.refs import ModelRef
@@ -37,7 +36,6 @@ from mergesmith.sources.refs import ModelRef
 SMALL_FILES = [p for p in HUB_PATTERNS if not p.endswith(".safetensors")]
 ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
-MAX_HEADER = 100_000_000
 
 
 def looks_local(path: str) -> bool:
@@ -259,30 +257,6 @@ def read_remote_header(listing: Listing, file: str) -> dict[str, TensorMeta]:
     """Tensor metadata of one safetensors file on the hub: its 8-byte length, then its JSON header."""
     where = f"{listing.repo}@{listing.revision or 'main'}/{file}"
     head, size = _get_range(listing, file, 0, 7)
-    if len(head) < 8:
-        raise MergeError("truncated safetensors file (no header)", where)
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER or (size is not None and n > size - 8):
-        raise MergeError("corrupt safetensors file (header length exceeds the file)", where)
+    n = header_length(head, size, where)
     raw, _ = _get_range(listing, file, 8, 8 + n - 1)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MergeError("corrupt safetensors file (header is not JSON)", where) from None
-    out: dict[str, TensorMeta] = {}
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            meta = TensorMeta(tuple(int(s) for s in info["shape"]), ST_DTYPES[info["dtype"]], file)
-            start, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"corrupt safetensors header entry for tensor '{name}'", where) from None
-        if end - start != meta.nbytes:
-            raise MergeError(f"corrupt safetensors file: tensor '{name}' has the wrong byte length", where)
-        data_end = max(data_end, end)
-        out[name] = meta
-    if size is not None and 8 + n + data_end > size:
-        raise MergeError(f"truncated safetensors file: {size} bytes, the header describes {8 + n + data_end}", where)
-    return out
+    return parse_header(raw, n, size, file, where)

@@ -89,22 +89,27 @@ def read_json(path: Path) -> Any:
         raise MergeError(f"not valid JSON: {err}", str(path)) from None
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    """Tensor metadata from a safetensors file, checking the header and the file size agree."""
+#: A larger safetensors header is taken as corruption (real ones are a few MB at most).
+MAX_HEADER = 100_000_000
+
+
+def header_length(head: bytes, size: int | None, where: str) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes, checked against `size`."""
+    if len(head) < 8:
+        raise MergeError("truncated safetensors file (no header)", where)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or (size is not None and n > size - 8):
+        raise MergeError("corrupt safetensors file (header length exceeds the file)", where)
+    return n
+
+
+def parse_header(raw: bytes, n: int, size: int | None, file: str, where: str) -> dict[str, TensorMeta]:
+    """Tensor metadata from a safetensors header (`raw`, `n` bytes of JSON) of `file`, each entry checked,
+    and, with the file's `size`, the data it describes checked to fit. Local and hub files alike."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MergeError("truncated safetensors file (no header)", str(path))
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise MergeError("corrupt safetensors file (header length exceeds the file)", str(path))
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise MergeError("file not found", str(path)) from None
+        header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MergeError("corrupt safetensors file (header is not JSON)", str(path)) from None
+        raise MergeError("corrupt safetensors file (header is not JSON)", where) from None
     out: dict[str, TensorMeta] = {}
     data_end = 0
     for name, info in header.items():
@@ -113,18 +118,28 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
         try:
             dtype = ST_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
-            meta = TensorMeta(tuple(int(s) for s in info["shape"]), dtype, path.name)
+            meta = TensorMeta(tuple(int(s) for s in info["shape"]), dtype, file)
         except (KeyError, TypeError, ValueError):
-            raise MergeError(f"corrupt safetensors header entry for tensor '{name}'", str(path)) from None
+            raise MergeError(f"corrupt safetensors header entry for tensor '{name}'", where) from None
         if end - start != meta.nbytes:
-            raise MergeError(f"corrupt safetensors file: tensor '{name}' has the wrong byte length", str(path))
+            raise MergeError(f"corrupt safetensors file: tensor '{name}' has the wrong byte length", where)
         data_end = max(data_end, end)
         out[name] = meta
-    if 8 + n + data_end > size:
-        raise MergeError(
-            f"truncated safetensors file: {size} bytes, the header describes {8 + n + data_end}", str(path)
-        )
+    if size is not None and 8 + n + data_end > size:
+        raise MergeError(f"truncated safetensors file: {size} bytes, the header describes {8 + n + data_end}", where)
     return out
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Tensor metadata from a safetensors file, checking the header and the file size agree."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = header_length(f.read(8), size, str(path))
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise MergeError("file not found", str(path)) from None
+    return parse_header(raw, n, size, path.name, str(path))
 
 
 def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
