@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from mergesmith.lora.builder import ModuleReport
-from mergesmith.output.card import INTRO, is_hub_id
+from mergesmith.output.card import INTRO, configuration_section, is_hub_id
 from mergesmith.sources.refs import ModelRef
 
 
@@ -51,13 +51,6 @@ def adapter_card(name: str, method: str, base: ModelRef, refs: list[ModelRef], r
         "",
         *[f"* {ref}" for ref in refs],
         "",
-        "## Configuration",
-        "",
-        "The following YAML configuration was used to produce this adapter:",
-        "",
-        "```yaml",
-        recipe.rstrip(),
-        "```",
-        "",
+        *configuration_section(recipe, "adapter", "##"),
     ]
     return "\n".join(lines)

@@ -111,18 +111,22 @@ def model_card(
     for ref in refs:
         if stages or base is None or ref.key != base.key:
             lines.append(f"* {_show(ref)}")
-    lines += [
+    lines += ["", *configuration_section(recipe, "model", "###")]
+    return "\n".join(lines)
+
+
+def configuration_section(recipe: str, product: str, heading: str) -> list[str]:
+    """The card's recipe: a `heading` Configuration section with the YAML that produced the `product`."""
+    return [
+        f"{heading} Configuration",
         "",
-        "### Configuration",
-        "",
-        "The following YAML configuration was used to produce this model:",
+        f"The following YAML configuration was used to produce this {product}:",
         "",
         "```yaml",
         recipe.rstrip(),
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def stage_graph(stages: list[StageSummary]) -> list[str]:
