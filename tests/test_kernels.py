@@ -156,3 +156,138 @@ def test_merges_with_and_without_the_compiled_kernels_are_identical(models, tmp_
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize(
+    "dtype,via,out",
+    [
+        ("bfloat16", None, "bfloat16"),
+        ("float32", "bfloat16", "bfloat16"),
+        ("float16", None, "float16"),
+        ("float32", None, "float32"),
+        ("bfloat16", "float16", "float32"),
+    ],
+)
+@pytest.mark.parametrize("n", [5, 37, 4099])
+@pytest.mark.parametrize("divisor", [None, 1.35])
+def test_fused_linear_equals_the_torch_operations(dtype, via, out, n, divisor):
+    """One pass over raw values gives torch's float32 result bit for bit: x0*w0, an FMA per further
+    input (torch's add_ with alpha), a true division, then rounding to the output dtype."""
+    if not {dtype, out} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    g = torch.Generator().manual_seed(n)
+    xs = [(torch.randn(n, generator=g) * 3).to(getattr(torch, dtype)) for _ in range(3)]
+    weights = [0.3, 0.45, -0.61]
+    floats = [(x.to(getattr(torch, via)) if via else x).float().clone() for x in xs]
+    expected = floats[0].mul_(weights[0])
+    expected.add_(floats[1], alpha=weights[1]).add_(floats[2], alpha=weights[2])
+    if divisor is not None:
+        expected.div_(divisor)
+    expected = expected.to(getattr(torch, out))
+    result = torch.empty(n, dtype=getattr(torch, out))
+    raw = [kernels.Raw(x.view(-1).view(torch.uint8).numpy(), dtype, via) for x in xs]
+    kernels.linear(kernels.Raw(result.view(torch.uint8).numpy(), out), raw, weights, divisor)
+    assert torch.equal(result.view(torch.uint8), expected.view(torch.uint8))
+    values = [(x.to(getattr(torch, via)) if via else x).double() for x in xs]
+    exact = sum(w * v for w, v in zip(weights, values, strict=True)) / (divisor or 1.0)  # the formula
+    assert torch.allclose(result.double(), exact, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_nonfinite_counts_nan_and_inf(dtype):
+    x = torch.randn(10_001, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+    x[[0, 17, 5000]] = float("nan")
+    x[[9, 10_000]] = float("inf")
+    x[44] = -float("inf")
+    raw = x.view(torch.uint8).numpy()
+    assert kernels.nonfinite(raw, dtype) == kernels.numpy_nonfinite(raw, dtype) == 6
+    assert kernels.nonfinite(memoryview(raw[: 10 * x.element_size()]), dtype) == 2  # values 0 and 9
+    assert kernels.nonfinite(np.zeros(8, np.uint8), "int64") == 0
+
+
+@pytest.mark.parametrize(
+    "dtype,out_dtype", [(None, None), ("bfloat16", None), ("float16", "float32"), (None, "bfloat16")]
+)
+def test_linear_merges_with_and_without_the_fused_kernel_are_identical(models, tmp_path, monkeypatch, dtype, out_dtype):
+    """End to end from YAML (a sharded input, a gradient, recipe and output dtypes): the fused kernel
+    reading the files writes the bytes the torch path writes."""
+    from conftest import merge, tensors
+
+    from mergesmith.engine import executor
+
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 300)  # several chunks per tensor, one cut mid-row
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(models["ft1"]), "parameters": {"weight": [0.2, 0.9, 0.4]}},
+            {"model": str(models["ft2"]), "parameters": {"weight": 0.7}},
+            {"model": str(models["base"]), "parameters": {"weight": 0.3}},
+        ],
+    }
+    if dtype:
+        recipe["dtype"] = dtype
+    if out_dtype:
+        recipe["out_dtype"] = out_dtype
+    if not {dtype or "float32", out_dtype or dtype or "float32"} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    merge(recipe, tmp_path / "fused")
+    monkeypatch.setattr(kernels, "_LIB", None)  # no kernels: every tensor through torch
+    merge(recipe, tmp_path / "torch")
+    a, b = tensors(tmp_path / "fused"), tensors(tmp_path / "torch")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_copies_and_fused_merges_never_import_torch(models, tmp_path):
+    """`mergesmith run` of a linear merge and of a frankenmerge in a process where importing torch
+    fails: both complete, and write what the in-process (torch) runs write."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import merge, tensors
+
+    import mergesmith
+
+    recipes = {
+        "linear": {
+            "merge_method": "linear",
+            "dtype": "bfloat16",
+            "models": [{"model": str(models[k]), "parameters": {"weight": w}} for k, w in (("ft1", 0.6), ("ft2", 0.4))],
+        },
+        "stack": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(models["ft1"]), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(models["ft2"]), "layer_range": [1, 4]}]},
+            ],
+        },
+    }
+    script = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('this test forbids importing torch')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from mergesmith.cli import main\n"
+        "main.main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(mergesmith.__file__).parents[1])}
+    for name, recipe in recipes.items():
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(recipe))
+        done = subprocess.run(
+            [sys.executable, "-c", script, "run", str(path), str(tmp_path / name), "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        merge(recipe, tmp_path / f"{name}-ref")
+        a, b = tensors(tmp_path / name), tensors(tmp_path / f"{name}-ref")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define MS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -179,6 +180,109 @@ int64_t ms_bracket(const float *a, int64_t n, float lo, float hi, float *out, in
 #endif
     *below = 0;
     return ms_bracket_tail(a, 0, n, lo, hi, out, 0, below);
+}
+
+/* Raw values of the three float formats of model files, as float32 and back. `kind`: 0 float32,
+ * 1 bfloat16, 2 float16. Conversions to the narrow formats round to nearest even, as torch's do
+ * (NaN becomes the quiet NaN 0x7FC0 in bfloat16). */
+#define MS_F32 0
+#define MS_BF16 1
+#define MS_F16 2
+
+static inline float ms_from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t ms_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef __FLT16_MAX__
+#define MS_HAVE_F16 1
+#else
+#define MS_HAVE_F16 0
+#endif
+
+int32_t ms_has_f16(void) { return MS_HAVE_F16; }
+
+/* Values i0 .. i0 + len of x (of `kind`) as float32, rounded through `via` (-1: not at all). */
+static inline void ms_load(const void *x, int32_t kind, int32_t via, int64_t i0, int64_t len, float *out) {
+    if (kind == MS_BF16) {
+        const uint16_t *p = (const uint16_t *)x + i0;
+        for (int64_t k = 0; k < len; k++) out[k] = ms_from_bf16(p[k]);
+#if MS_HAVE_F16
+    } else if (kind == MS_F16) {
+        const _Float16 *p = (const _Float16 *)x + i0;
+        for (int64_t k = 0; k < len; k++) out[k] = (float)p[k];
+#endif
+    } else {
+        const float *p = (const float *)x + i0;
+        for (int64_t k = 0; k < len; k++) out[k] = p[k];
+    }
+    if (via == MS_BF16) {
+        for (int64_t k = 0; k < len; k++) out[k] = ms_from_bf16(ms_to_bf16(out[k]));
+#if MS_HAVE_F16
+    } else if (via == MS_F16) {
+        for (int64_t k = 0; k < len; k++) out[k] = (float)(_Float16)out[k];
+#endif
+    }
+}
+
+static inline void ms_store(void *out, int32_t kind, int64_t i0, int64_t len, const float *v) {
+    if (kind == MS_BF16) {
+        uint16_t *p = (uint16_t *)out + i0;
+        for (int64_t k = 0; k < len; k++) p[k] = ms_to_bf16(v[k]);
+#if MS_HAVE_F16
+    } else if (kind == MS_F16) {
+        _Float16 *p = (_Float16 *)out + i0;
+        for (int64_t k = 0; k < len; k++) p[k] = (_Float16)v[k];
+#endif
+    } else {
+        float *p = (float *)out + i0;
+        for (int64_t k = 0; k < len; k++) p[k] = v[k];
+    }
+}
+
+/* The linear merge fused over raw values: out = (x_0 w_0 + x_1 w_1 + ...) / divisor, in float32 with
+ * the operations torch does for `methods.linear` (x_0 * w_0, then an FMA per further input, as torch's
+ * `add_(x, alpha=w)` computes it, then a true division when `normalize`), so the result is the same
+ * bit for bit; one pass over the inputs instead of one per operation. */
+MS_CLONES void ms_linear(void *out, int32_t out_kind, const void *const *x, const int32_t *kinds, const int32_t *via,
+                         int32_t m, const float *w, int32_t normalize, float divisor, int64_t n) {
+    float acc[MS_BLOCK], v[MS_BLOCK];
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(x[0], kinds[0], via[0], i0, len, acc);
+        for (int64_t k = 0; k < len; k++) acc[k] = acc[k] * w[0];
+        for (int32_t j = 1; j < m; j++) {
+            ms_load(x[j], kinds[j], via[j], i0, len, v);
+            float wj = w[j];
+            for (int64_t k = 0; k < len; k++) acc[k] = fmaf(v[k], wj, acc[k]);
+        }
+        if (normalize)
+            for (int64_t k = 0; k < len; k++) acc[k] = acc[k] / divisor;
+        ms_store(out, out_kind, i0, len, acc);
+    }
+}
+
+/* How many of n raw values of `kind` are NaN or infinite (all exponent bits set). */
+MS_CLONES int64_t ms_nonfinite(const void *x, int32_t kind, int64_t n) {
+    int64_t bad = 0;
+    if (kind == MS_F32) {
+        const uint32_t *p = (const uint32_t *)x;
+        for (int64_t i = 0; i < n; i++) bad += (p[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *p = (const uint16_t *)x;
+        uint16_t e = kind == MS_BF16 ? 0x7F80u : 0x7C00u;
+        for (int64_t i = 0; i < n; i++) bad += (p[i] & e) == e;
+    }
+    return bad;
 }
 
 static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL};

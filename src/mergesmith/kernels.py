@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    u64, i64, u32, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
+    u64, i64, u32, i32, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int32, ctypes.c_void_p
     lib.ms_words.argtypes = [u64, u64, i64, ptr]
     lib.ms_keep_mask.argtypes = [u64, u64, i64, u32, ptr]
     lib.ms_keep_apply.argtypes = [u64, u64, i64, u32, ptr]
@@ -45,6 +46,11 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_ties_combine.restype = None
     lib.ms_bracket.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr]
     lib.ms_bracket.restype = i64
+    lib.ms_linear.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, ctypes.c_float, i64]
+    lib.ms_linear.restype = None
+    lib.ms_nonfinite.argtypes = [ptr, i32, i64]
+    lib.ms_nonfinite.restype = i64
+    lib.ms_has_f16.restype = i32
     return lib
 
 
@@ -192,3 +198,70 @@ def ties_combine(deltas: list[np.ndarray], weights: list[float], normalize: bool
     w = np.asarray(weights, dtype=np.float32)
     _LIB.ms_ties_combine(ptrs, len(deltas), w.ctypes.data, int(normalize), floor, n)
     return deltas[0]
+
+
+#: The raw float formats of model files the kernels read and write (torch's dtype names), and the
+#: exponent mask of each (a value is NaN or infinite where all its exponent bits are set).
+KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
+_EXPONENT = {
+    "float32": (np.uint32, 0x7F800000),
+    "bfloat16": (np.uint16, 0x7F80),
+    "float16": (np.uint16, 0x7C00),
+    "float64": (np.uint64, 0x7FF0000000000000),
+}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def raw_kinds() -> frozenset[str]:
+    """The dtypes `linear` reads and writes here (float16 needs a compiler with `_Float16`)."""
+    if _LIB is None:
+        return frozenset()
+    return frozenset(KINDS) if _LIB.ms_has_f16() else frozenset(("float32", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Values as the bytes of a model file: `data` (contiguous bytes), their dtype (torch's name),
+    and the dtype they are rounded through when read (the recipe's `dtype`), if any."""
+
+    data: np.ndarray
+    dtype: str
+    via: str | None = None
+
+    @property
+    def count(self) -> int:
+        return self.data.nbytes // _ITEMSIZE[self.dtype]
+
+
+def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None) -> None:
+    """out = (x_0 w_0 + x_1 w_1 + ...) / divisor (no division when `divisor` is None), in float32
+    with the operations of `methods.linear` in torch, bit for bit. Needs the compiled library, and
+    every dtype among `raw_kinds()`."""
+    assert _LIB is not None and {out.dtype, *(x.dtype for x in xs), *(x.via for x in xs if x.via)} <= raw_kinds()
+    n = out.count
+    assert all(x.count == n for x in xs)
+    m = len(xs)
+    ptrs = (ctypes.c_void_p * m)(*[x.data.ctypes.data for x in xs])
+    kinds = (ctypes.c_int32 * m)(*[KINDS[x.dtype] for x in xs])
+    vias = (ctypes.c_int32 * m)(*[KINDS[x.via] if x.via else -1 for x in xs])
+    w = np.asarray(weights, dtype=np.float32)
+    norm = divisor is not None
+    _LIB.ms_linear(
+        out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, w.ctypes.data, int(norm), divisor or 1.0, n
+    )
+
+
+def nonfinite(data: np.ndarray | memoryview, dtype: str) -> int:
+    """How many NaN or infinite values the raw bytes `data` of `dtype` hold (0 for integer dtypes)."""
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data
+    if _LIB is None or dtype not in KINDS:
+        return numpy_nonfinite(raw, dtype)
+    return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // _ITEMSIZE[dtype]))
+
+
+def numpy_nonfinite(raw: np.ndarray, dtype: str) -> int:
+    if dtype not in _EXPONENT:
+        return 0
+    bits, mask = _EXPONENT[dtype]
+    values = raw.reshape(-1).view(np.uint8).view(bits)
+    return int(np.count_nonzero((values & bits(mask)) == bits(mask)))

@@ -13,9 +13,9 @@ import hashlib
 import math
 
 import numpy as np
-import torch
 
 from mergesmith import kernels
+from mergesmith.lazy_torch import torch
 
 
 class TensorRNG:

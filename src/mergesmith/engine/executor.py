@@ -6,6 +6,10 @@ buffers in place, and the result is cast into a reusable output buffer that a wr
 straight into its shard while the next tensor is computed. Methods that work element by element
 (`ELEMENTWISE`) run on row chunks of at most `CHUNK_ELEMENTS` values, so memory holds a few chunks
 whatever the model size; the others get whole tensors. See docs/performance.md.
+
+Two kinds of tensor need no torch, and are done first without it: pure copies (the input file's
+bytes go to the output file) and methods with a fused variant (`registry.fused_variant`: a compiled
+kernel over the files' raw values). A merge made only of those never imports torch (`lazy_torch`).
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+import numpy as np
 
-from mergesmith.engine.mapped import MappedFiles, read_views
+from mergesmith import kernels
+from mergesmith.engine.mapped import Entry, MappedFiles, read_entries, read_views
 from mergesmith.engine.memory import keep_freed_memory
 from mergesmith.errors import MergeError
-from mergesmith.methods.registry import get_method
+from mergesmith.lazy_torch import torch
+from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.methods.sparsify import sample_blocks
 from mergesmith.methods.task_vectors import Streaming
 from mergesmith.plan import OutputTensor, Plan
 from mergesmith.rng import TensorRNG
+from mergesmith.sources.model import DTYPE_BYTES
 from mergesmith.sources.reader import TensorSource
 
 #: Float values per chunk of a streamed merge (2 MiB of float32 per input: the working set of two
@@ -38,7 +45,7 @@ COPY_ELEMENTS = 1 << 23
 
 
 #: `target(shape)` -> (an output buffer of that shape, a token the writer gives back with it)
-Target = Callable[[tuple[int, ...]], tuple[torch.Tensor, object]]
+Target = Callable[[tuple[int, ...]], tuple["torch.Tensor", object]]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -67,28 +74,38 @@ def elementwise(t: OutputTensor) -> bool:
 
 
 class Buffers:
-    """Growable scratch tensors, one per slot, reused from tensor to tensor (no page faults)."""
+    """Growable scratch memory, one buffer per slot, reused from tensor to tensor (no page faults):
+    `raw` gives bytes (NumPy, CPU only), `get` a torch view of a shape and dtype."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.device = device
-        self._store: dict[object, torch.Tensor] = {}
+        self._store: dict[object, object] = {}  # slot -> uint8 NumPy array (CPU) or torch tensor (device)
         self._views: dict[tuple, torch.Tensor] = {}  # (slot, shape, dtype) -> view of the slot's buffer
+
+    def _buffer(self, slot: object, nbytes: int):
+        buf = self._store.get(slot)
+        if buf is None or len(buf) < nbytes:
+            self._store.pop(slot, None)
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}
+            if self.device == "cpu":
+                buf = np.empty(nbytes, dtype=np.uint8)
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._store[slot] = buf
+        return buf
+
+    def raw(self, slot: object, nbytes: int) -> np.ndarray:
+        return self._buffer(slot, nbytes)[:nbytes]
 
     def get(self, slot: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         view = self._views.get((slot, shape, dtype))
         if view is not None:  # the same chunk shape as before: no view chain to rebuild
             return view
-        n = 1
-        for s in shape:
-            n *= s
+        n = _numel(shape)
         nbytes = max(n * dtype.itemsize, 1)
-        buf = self._store.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            self._store.pop(slot, None)
-            self._views = {k: v for k, v in self._views.items() if k[0] != slot}
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            self._store[slot] = buf
-        view = buf[:nbytes].view(dtype)[:n].view(shape)
+        buf = self._buffer(slot, nbytes)
+        whole = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else buf
+        view = whole[:nbytes].view(dtype)[:n].view(shape)
         if len(self._views) < 256:
             self._views[(slot, shape, dtype)] = view
         return view
@@ -99,14 +116,12 @@ class _Writer:
     from a small ring; a slot is reused only once its bytes are in the file. Pure copies go to the
     writer as (file descriptor, offset) and are read straight into its output blocks."""
 
-    def __init__(
-        self, write_at: Callable[[str, int, torch.Tensor], None], copy_at: Callable[..., None] | None, slots: int = 3
-    ) -> None:
+    def __init__(self, write_at: Callable[..., None], copy_at: Callable[..., None] | None, slots: int = 3) -> None:
         self.write_at = write_at
         self.copy_at = copy_at
         self.free: queue.Queue[Buffers] = queue.Queue()
         for _ in range(slots):
-            self.free.put(Buffers(torch.device("cpu")))
+            self.free.put(Buffers())
         self.jobs: queue.Queue[tuple | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="mergesmith-writer")
@@ -118,22 +133,21 @@ class _Writer:
                 if self.error is None:
                     if job[0] == "copy":
                         self.copy_at(*job[1:])
-                    elif job[5]:  # scanned by the computing worker already
-                        self.write_at(*job[1:4], scanned=True)
                     else:
-                        self.write_at(*job[1:4])
+                        self.write_at(*job[1:5], scanned=job[6])
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
             if job[0] == "chunk":
-                self.free.put(job[4])  # the chunk's bytes are in the file: its slot is free again
+                self.free.put(job[5])  # the chunk's bytes are in the file: its slot is free again
 
     def slot(self) -> Buffers:
         if self.error is not None:
             raise self.error
         return self.free.get()
 
-    def put(self, name: str, offset: int, tensor: torch.Tensor, slot: Buffers, checked: bool = False) -> None:
-        self.jobs.put(("chunk", name, offset, tensor, slot, checked))
+    def put(self, name: str, offset: int, data: np.ndarray, dtype: str, slot: Buffers, checked: bool = False) -> None:
+        """Bytes `data` (in `slot`'s memory) of tensor `name`, of `dtype`, at byte `offset` of it."""
+        self.jobs.put(("chunk", name, offset, data, dtype, slot, checked))
 
     def copy(self, name: str, dtype: str, src: tuple[int, int], nbytes: int) -> None:
         if self.error is not None:
@@ -159,14 +173,19 @@ class Executor:
     ) -> None:
         self.plan = plan
         self.readers = readers
-        self.dtype = torch_dtype(dtype) if dtype else None
-        self.device = torch.device(device)
+        self.dtype = dtype  # the recipe's: inputs are rounded through it
+        self.device = device
         self.seed = seed
         self.files = MappedFiles()
         self._local = threading.local()  # scratch buffers, one set per computing thread
         self._pool: ThreadPoolExecutor | None = None
         self.workers = 1
-        self._check: Callable[[str, torch.Tensor], None] | None = None  # the writer's scan, if it has one
+        self._check: Callable[[str, np.ndarray, str], None] | None = None  # the writer's scan, if it has one
+        self._torch_threads: int | None = None  # torch's thread count before `_enter_torch`
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
 
     @property
     def buffers(self) -> Buffers:
@@ -179,7 +198,7 @@ class Executor:
     def staging(self) -> Buffers:
         """This thread's buffers for the raw bytes read from the files."""
         if not hasattr(self._local, "staging"):
-            self._local.staging = Buffers(torch.device("cpu"))
+            self._local.staging = Buffers()
         return self._local.staging
 
     def _in_order(self, work: Callable, items: Iterable) -> Iterator:
@@ -205,14 +224,8 @@ class Executor:
         base = xs[t.base] if t.base is not None else None
         others = [x for i, x in enumerate(xs) if i != t.base]
         method = get_method(t.method)
-        params = {**t.params, **{k: list(v) for k, v in t.per_model.items()}}
-        try:
-            rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
-            return method(others, base, params, rng=rng, stream=stream)
-        except MergeError as err:
-            raise MergeError(err.message, err.where or f"tensor {t.name}") from None
-        except (ValueError, RuntimeError) as err:
-            raise MergeError(f"{t.method} failed: {err}", f"tensor {t.name}") from None
+        rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
+        return _reported(t, lambda: method(others, base, _params(t), rng=rng, stream=stream))
 
     def _load(self, slot: object, raw: torch.Tensor) -> torch.Tensor:
         """`raw` (a view of the file) as float32 in scratch buffer `slot`, rounded through `dtype`.
@@ -224,8 +237,8 @@ class Executor:
             staged = self.staging.get(slot, tuple(raw.shape), raw.dtype)
             self.files.read_into(raw, staged)
             raw = staged
-        if self.dtype is not None and raw.dtype != self.dtype:
-            view, raw = raw, raw.to(self.dtype)
+        if self.dtype is not None and raw.dtype != torch_dtype(self.dtype):
+            view, raw = raw, raw.to(torch_dtype(self.dtype))
             if not mapped:
                 self.files.release(view)
         buf = self.buffers.get(slot, tuple(raw.shape), torch.float32)
@@ -239,20 +252,38 @@ class Executor:
         out_dtype = torch_dtype(t.dtype)
         out = torch.empty(t.shape, dtype=out_dtype)
         flat = out.view(-1)
-        scratch = Buffers(torch.device("cpu"))
+        scratch = Buffers()
         for offset, part, _, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
             start = offset // out.element_size()
             flat[start : start + part.numel()].copy_(part.reshape(-1))
         return out
 
-    def _pure_copy(self, t: OutputTensor, raw: list[torch.Tensor]) -> bool:
-        """A passthrough of one input, unscaled, whose dtype (and the recipe's) is the output's, read
-        from a mapped file: no float32 round trip, the writer copies the file's bytes."""
-        if t.method != "passthrough" or len(raw) != 1 or any(s != 1.0 for s in t.per_model.get("scale", ())):
+    def _entries(self, t: OutputTensor) -> list[Entry | None]:
+        """Where the inputs of `t` lie in their files (None for those not in plain safetensors)."""
+        return read_entries(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+
+    def _views(self, t: OutputTensor) -> list[torch.Tensor]:
+        """The inputs of `t`: views of the mapped files (or loaded tensors, as fallback)."""
+        return read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
+
+    def _pure_copy(self, t: OutputTensor, entries: list[Entry | None]) -> bool:
+        """A passthrough of one input, unscaled, whose dtype (and the recipe's) is the output's, in a
+        plain safetensors file: no float32 round trip, the writer copies the file's bytes."""
+        if t.method != "passthrough" or len(entries) != 1 or any(s != 1.0 for s in t.per_model.get("scale", ())):
             return False
-        x = raw[0]
-        same = x.dtype == torch_dtype(t.dtype) and (self.dtype is None or self.dtype == x.dtype)
-        return same and tuple(x.shape) == t.shape and x.is_contiguous() and self.files.maps(x)
+        e = entries[0]
+        return e is not None and e.dtype == t.dtype and self.dtype in (None, e.dtype) and e.shape == t.shape
+
+    def _fused(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
+        """The method of `t` when its fused variant can merge these inputs (same shape as the output,
+        dtypes the kernels read, on the CPU): no torch, no float32 buffers, one pass per chunk."""
+        method = get_method(t.method)
+        kinds = kernels.raw_kinds()
+        if method.fused is None or not self.on_cpu or t.dtype not in kinds or self.dtype not in (None, *kinds):
+            return None
+        if any(e is None or e.dtype not in kinds or e.shape != t.shape for e in entries):
+            return None
+        return method
 
     def _prefetch(self, t: OutputTensor) -> None:
         """Ask the kernel to read the inputs of `t` (the next tensor) into the page cache now, in the
@@ -260,50 +291,75 @@ class Executor:
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
-        for view in self._views(t):
-            if view.is_contiguous() and self.files.maps(view):
-                fd, offset = self.files.location(view)
+        for e in self._entries(t):
+            if e is not None:
                 with contextlib.suppress(OSError):
-                    advise(fd, offset, view.numel() * view.element_size(), os.POSIX_FADV_WILLNEED)
+                    advise(self.files.fd(e.path), e.offset, e.nbytes, os.POSIX_FADV_WILLNEED)
 
-    def _views(self, t: OutputTensor) -> list[torch.Tensor]:
-        """The inputs of `t`: views of the mapped files (or loaded tensors, as fallback)."""
-        return read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
-
-    def _copy_job(self, t: OutputTensor, raw: list[torch.Tensor], writer: _Writer) -> bool:
+    def _copy_job(self, t: OutputTensor, entries: list[Entry | None], writer: _Writer) -> bool:
         """Hand a pure copy to the writer as the input's file location: no staging buffer at all."""
-        if not self._pure_copy(t, raw):
+        if not self._pure_copy(t, entries):
             return False
-        x = raw[0]
-        writer.copy(t.name, t.dtype, self.files.location(x), x.numel() * x.element_size())
+        e = entries[0]
+        writer.copy(t.name, t.dtype, (self.files.fd(e.path), e.offset), e.nbytes)
         return True
 
-    def _checked(self, t: OutputTensor, chunk: torch.Tensor) -> bool:
-        """Run the writer's check (the audit's NaN/Inf scan) on `chunk` here, in the computing worker,
-        where it runs beside the other worker rather than in the one writing thread; True if run."""
+    def _checked(self, t: OutputTensor, data: np.ndarray, dtype: str) -> bool:
+        """Run the writer's check (the audit's NaN/Inf scan) on a chunk's bytes here, in the computing
+        worker, where it runs beside the other worker rather than in the one writing thread; True if run."""
         if self._check is None:
             return False
-        self._check(t.name, chunk)
+        self._check(t.name, data, dtype)
         return True
 
-    def _parts(self, t: OutputTensor, target: Target, raw: list[torch.Tensor] | None = None):
+    def _fused_parts(self, t: OutputTensor, entries: list[Entry], method: MergeMethod, writer: _Writer):
+        """Yield (byte offset, bytes, slot, checked) of `t` merged by `method`'s fused variant, in flat
+        chunks of `CHUNK_ELEMENTS` values, read by the kernel from the files' maps: measured on medium
+        linear, that costs 1-2 s less system time than `pread` copies (the torch path's loads)."""
+        n = _numel(t.shape)
+        item = DTYPE_BYTES[t.dtype]
+        params = _params(t)
+        vias = [self.dtype if self.dtype not in (None, e.dtype) else None for e in entries]
+
+        def merge(start: int) -> tuple[int, np.ndarray, Buffers, bool]:
+            count = min(CHUNK_ELEMENTS, n - start)
+            spans = [(e, start * DTYPE_BYTES[e.dtype], count * DTYPE_BYTES[e.dtype]) for e in entries]
+            xs = [
+                kernels.Raw(self.files.mapped(*span), e.dtype, via)
+                for span, e, via in zip(spans, entries, vias, strict=True)
+            ]
+            slot = writer.slot()
+            out = kernels.Raw(slot.raw(0, count * item), t.dtype)
+            base = xs[t.base] if t.base is not None else None
+            others = [x for i, x in enumerate(xs) if i != t.base]
+            try:
+                _reported(t, lambda: method.call_fused(out, others, base, params))
+            finally:
+                for span in spans:
+                    self.files.drop(*span)
+            return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
+
+        yield from self._in_order(merge, range(0, n, CHUNK_ELEMENTS))
+
+    def _parts(self, t: OutputTensor, target: Target):
         """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
-        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk.
-        `raw`: the inputs' views, when the caller has them already."""
-        raw = self._views(t) if raw is None else raw
+        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk."""
+        entries = self._entries(t)
         out_dtype = torch_dtype(t.dtype)
-        if self._pure_copy(t, raw):  # the input's bytes are the output's: no float32 round trip
-            flat = raw[0].reshape(-1)
-            for start in range(0, flat.numel(), COPY_ELEMENTS):
-                part = flat[start : start + COPY_ELEMENTS]
-                dest, token = target((part.numel(),))
-                self.files.read_into(part, dest)
-                yield start * flat.element_size(), dest, token, False
+        if self._pure_copy(t, entries):  # the input's bytes are the output's: no float32 round trip
+            e = entries[0]
+            item = DTYPE_BYTES[e.dtype]
+            n = e.nbytes // item
+            for start in range(0, n, COPY_ELEMENTS):
+                dest, token = target((min(COPY_ELEMENTS, n - start),))
+                self.files.read_entry(e, start * item, _bytes(dest))
+                yield start * item, dest, token, False
             return
+        raw = self._views(t)
         if not raw[0].is_floating_point():
             src = raw[t.base if t.base is not None else 0]
-            if self.dtype is not None and src.dtype != self.dtype and src.is_floating_point():
-                src = src.to(self.dtype)
+            if self.dtype is not None and src.dtype != torch_dtype(self.dtype) and src.is_floating_point():
+                src = src.to(torch_dtype(self.dtype))
             dest, token = target(tuple(src.shape))
             dest.copy_(src)
             yield 0, dest, token, False
@@ -313,7 +369,7 @@ class Executor:
             return
         if any(tuple(r.shape) != t.shape for r in raw):  # vocabulary mismatch: whole tensors
             if self.dtype is not None:
-                raw = [r.to(self.dtype) for r in raw]
+                raw = [r.to(torch_dtype(self.dtype)) for r in raw]
             base_raw = fit_shape(raw[t.base], t.shape, None) if t.base is not None else None
             raw = [fit_shape(r, t.shape, base_raw) for r in raw]
             rows = t.shape[0] if t.shape else 1
@@ -330,7 +386,7 @@ class Executor:
             result = self._apply(t, [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)])
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row_bytes, dest, token, self._checked(t, dest)
+            return r0 * per_row_bytes, dest, token, self._checked(t, _bytes(dest), t.dtype)
 
         yield from self._in_order(merge, range(0, rows, step))
 
@@ -371,7 +427,7 @@ class Executor:
             result = self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row * item, dest, token, self._checked(t, dest)
+            return r0 * per_row * item, dest, token, self._checked(t, _bytes(dest), t.dtype)
 
         yield from self._in_order(merge, chunks)
 
@@ -391,13 +447,12 @@ class Executor:
         copy_at = getattr(owner, "copy_at", None)
         self._check = getattr(owner, "scan", None)
         keep_freed_memory()
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu" and threads > 1:
-            # Chunks run on `threads` worker threads, each op on its own thread: on 2 cores that
-            # merges two chunks at once, where two intra-op threads per op gained nothing (measured).
+        threads = _cpu_threads()
+        if self.on_cpu and threads > 1:
+            # Chunks run on worker threads, each op on its own thread (`_enter_torch`): on 2 cores
+            # that merges two chunks at once, where two intra-op threads per op gained nothing (measured).
             self.workers = min(threads, 8)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mergesmith-compute")
-            torch.set_num_threads(1)
         writer = _Writer(write_at, copy_at, slots=2 * self.workers + 2)
         try:
             tensors = self.plan.tensors
@@ -406,19 +461,22 @@ class Executor:
             for k, t in enumerate(tensors):
                 if k + 1 < len(tensors):
                     self._prefetch(tensors[k + 1])
-                raw = self._views(t)
-                if copy_at is not None and self._copy_job(t, raw, writer):
-                    if progress is not None:
-                        progress(t)
-                    continue
-                out_dtype = torch_dtype(t.dtype)
+                entries = self._entries(t)
+                if copy_at is not None and self._copy_job(t, entries, writer):
+                    pass
+                elif (method := self._fused(t, entries)) is not None:
+                    for offset, data, slot, checked in self._fused_parts(t, entries, method, writer):
+                        writer.put(t.name, offset, data, t.dtype, slot, checked)
+                else:
+                    self._enter_torch()
+                    out_dtype = torch_dtype(t.dtype)
 
-                def target(shape: tuple[int, ...], dt: torch.dtype = out_dtype) -> tuple[torch.Tensor, Buffers]:
-                    slot = writer.slot()
-                    return slot.get(0, shape, dt), slot
+                    def target(shape: tuple[int, ...], dt: torch.dtype = out_dtype) -> tuple[torch.Tensor, Buffers]:
+                        slot = writer.slot()
+                        return slot.get(0, shape, dt), slot
 
-                for offset, part, slot, checked in self._parts(t, target, raw):
-                    writer.put(t.name, offset, part, slot, checked)
+                    for offset, part, slot, checked in self._parts(t, target):
+                        writer.put(t.name, offset, _bytes(part), t.dtype, slot, checked)
                 if progress is not None:
                     progress(t)
         finally:
@@ -426,8 +484,45 @@ class Executor:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
             self._check = None
-            torch.set_num_threads(threads)
+            if self._torch_threads is not None:
+                torch.set_num_threads(self._torch_threads)
+                self._torch_threads = None
             writer.finish()
+
+    def _enter_torch(self) -> None:
+        """Before the first tensor that needs torch: with worker threads, one op thread each."""
+        if self._pool is not None and self._torch_threads is None:
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+
+def _cpu_threads() -> int:
+    """The threads to compute with: OMP_NUM_THREADS if set (as torch counts them), else the CPUs
+    this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _params(t: OutputTensor) -> dict:
+    """The method's parameters for `t`: global ones and the per-model lists."""
+    return {**t.params, **{k: list(v) for k, v in t.per_model.items()}}
+
+
+def _reported(t: OutputTensor, call: Callable):
+    """`call()`, its errors reported as a MergeError naming tensor `t`."""
+    try:
+        return call()
+    except MergeError as err:
+        raise MergeError(err.message, err.where or f"tensor {t.name}") from None
+    except (ValueError, RuntimeError) as err:
+        raise MergeError(f"{t.method} failed: {err}", f"tensor {t.name}") from None
+
+
+def _bytes(part: torch.Tensor) -> np.ndarray:
+    """The bytes of `part`, a contiguous CPU tensor (an output slot's view), without a copy."""
+    return part.reshape(-1).view(torch.uint8).numpy()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

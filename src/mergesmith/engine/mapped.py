@@ -4,7 +4,8 @@
 byte). Here each file is mapped once (numpy memmap, read-only) and a tensor is a view at the
 offsets its header gives, so reading costs nothing until the engine converts the values into its
 own reusable float32 buffer, chunk by chunk. Sources that are not plain safetensors readers (a
-`.bin`, a LoRA view, ...) fall back to their `get()`.
+`.bin`, a LoRA view, ...) fall back to their `get()`. `entry()` says where a tensor's bytes lie
+without torch, for the engine's torch-free paths (pure copies, fused kernels).
 """
 
 from __future__ import annotations
@@ -14,16 +15,30 @@ import mmap
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from mergesmith.lazy_torch import torch
+from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
 from mergesmith.sources.reader import TensorReader, TensorSource
 
 PAGE = mmap.PAGESIZE
-_ITEM = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
+_VIEWABLE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}  # views as torch tensors
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    offset: int  # of the first byte, in the file
+    nbytes: int
+    dtype: str  # torch's name ("bfloat16")
+    shape: tuple[int, ...]
 
 
 class MappedFiles:
@@ -64,13 +79,24 @@ class MappedFiles:
         where = self._where(t)
         assert where is not None and t.is_contiguous()
         path, offset = where
+        return self.fd(path), offset
+
+    def fd(self, path: Path) -> int:
+        """A descriptor of `path`, opened once, for `pread`."""
         fd = self._fds.get(path)
         if fd is None:
             with self._lock:  # worker threads open files too
                 fd = self._fds.get(path)
                 if fd is None:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd, offset
+        return fd
+
+    def read_entry(self, entry: Entry, start: int, dest: np.ndarray) -> None:
+        """Bytes `start` .. `start + dest.nbytes` of tensor `entry` into `dest` (contiguous), with pread."""
+        assert start + dest.nbytes <= entry.nbytes
+        pread_exact(
+            self.fd(entry.path), memoryview(dest.reshape(-1).view(np.uint8)), entry.offset + start, str(entry.path)
+        )
 
     def read_into(self, t: torch.Tensor, dest: torch.Tensor) -> None:
         """Copy the bytes of `t` (a contiguous view of a mapped file) into `dest` with pread: a copy
@@ -84,45 +110,62 @@ class MappedFiles:
     def release(self, t: torch.Tensor) -> None:
         """Drop the mapped pages under `t` from this process (the page cache keeps them), so reading
         a whole model through the map does not pile up in the resident set."""
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        for path, (base, size) in list(self._spans.items()):  # list(): the writer thread releases too
-            mm = self._files[path][0]
-            if base <= start < base + size:
-                lo = (start - base) // PAGE * PAGE
-                hi = min(-(-(end - base) // PAGE) * PAGE, mm.nbytes)
-                raw = getattr(mm, "_mmap", None)
-                if raw is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-                    raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-                return
+        where = self._where(t)
+        if where is not None:
+            self._drop(where[0], where[1], t.numel() * t.element_size())
 
-    def view(self, source: TensorSource, name: str) -> torch.Tensor | None:
+    def mapped(self, entry: Entry, start: int, nbytes: int) -> np.ndarray:
+        """Bytes `start` .. `start + nbytes` of tensor `entry`, as a read-only view of the file's map:
+        no copy (`drop` them after use)."""
+        assert start + nbytes <= entry.nbytes
+        mm = self._files[entry.path][0]
+        return mm[entry.offset + start : entry.offset + start + nbytes]
+
+    def drop(self, entry: Entry, start: int, nbytes: int) -> None:
+        """`release` for bytes of `entry` read through `mapped`."""
+        self._drop(entry.path, entry.offset + start, nbytes)
+
+    def _drop(self, path: Path, offset: int, nbytes: int) -> None:
+        mm = self._files[path][0]
+        lo = offset // PAGE * PAGE
+        hi = min(-(-(offset + nbytes) // PAGE) * PAGE, mm.nbytes)
+        raw = getattr(mm, "_mmap", None)
+        if raw is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def entry(self, source: TensorSource, name: str) -> Entry | None:
+        """Where tensor `name` of `source` lies, if `source` reads a plain safetensors file."""
         if not isinstance(source, TensorReader) or source.info.format != "safetensors":
             return None
         meta = source.info.tensors.get(name)
         if meta is None:
             return None
-        opened = self._open(source.info.directory / meta.file)
+        path = source.info.directory / meta.file
+        opened = self._open(path)
         if opened is None:
             return None
-        mm, start, header = opened
+        _, start, header = opened
         info = header.get(name)
-        if info is None or info.get("dtype") not in _ITEM:
+        dtype = ST_DTYPES.get(info.get("dtype")) if info is not None else None
+        if dtype is None:
             return None
-        np_dtype, torch_dtype = _ITEM[info["dtype"]]
         a, b = info["data_offsets"]
         shape = tuple(int(s) for s in info["shape"])
-        if (start + a) % np.dtype(np_dtype).itemsize or b - a != int(np.prod(shape, dtype=np.int64)) * np.dtype(
-            np_dtype
-        ).itemsize:
+        size = DTYPE_BYTES[dtype]
+        if (start + a) % size or b - a != int(np.prod(shape, dtype=np.int64)) * size:
             return None
-        arr = mm[start + a : start + b].view(np_dtype).reshape(shape)
-        import warnings
+        return Entry(path, start + a, b - a, dtype, shape)
 
+    def view(self, source: TensorSource, name: str) -> torch.Tensor | None:
+        entry = self.entry(source, name)
+        if entry is None or entry.dtype not in _VIEWABLE:
+            return None
+        mm = self._files[entry.path][0]
+        arr = mm[entry.offset : entry.offset + entry.nbytes].view(_VIEWABLE[entry.dtype]).reshape(entry.shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only memory: we never write through these views
             t = torch.from_numpy(arr)
-        return t.view(torch_dtype) if torch_dtype is torch.bfloat16 else t
+        return t.view(torch.bfloat16) if entry.dtype == "bfloat16" else t
 
 
 def pread_exact(fd: int, view: memoryview, offset: int, where: str) -> None:
@@ -133,6 +176,13 @@ def pread_exact(fd: int, view: memoryview, offset: int, where: str) -> None:
         if got <= 0:
             raise OSError(f"short read from {where}")
         done += got
+
+
+def read_entries(
+    files: MappedFiles, readers: Mapping[str, TensorSource], refs: list[tuple[str, str]]
+) -> list[Entry | None]:
+    """Where each (model key, tensor name) lies (None where it is not in a plain safetensors file)."""
+    return [files.entry(readers[model], name) for model, name in refs]
 
 
 def read_views(files: MappedFiles, readers: Mapping[str, TensorSource], refs: list[tuple[str, str]]) -> list:

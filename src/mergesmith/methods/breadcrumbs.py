@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.task_vectors import Streaming, merge_task_vectors

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
 
 

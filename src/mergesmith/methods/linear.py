@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import torch
-
-from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith import kernels
+from mergesmith.lazy_torch import torch
+from mergesmith.methods.registry import REQUIRED, PerModel, fused_variant, merge_method
 
 
 @merge_method(
@@ -17,9 +17,24 @@ def linear(xs: list[torch.Tensor], base: None, *, weight: PerModel = REQUIRED, n
     out = xs[0].mul_(weight[0])
     for x, w in zip(xs[1:], weight[1:], strict=True):
         out.add_(x, alpha=w)
-    if normalize:
-        total = sum(weight)
-        if total == 0:
-            raise ValueError("linear: the weights sum to zero; set normalize: false or change the weights")
-        out.div_(total)
+    divisor = _divisor(weight, normalize)
+    if divisor is not None:
+        out.div_(divisor)
     return out
+
+
+@fused_variant("linear")
+def linear_fused(
+    out: kernels.Raw, xs: list[kernels.Raw], base: None, *, weight: PerModel = REQUIRED, normalize: bool = True
+) -> None:
+    """The same sum in one pass over the files' values (`kernels.linear`: torch's operations, bit for bit)."""
+    kernels.linear(out, xs, weight, _divisor(weight, normalize))
+
+
+def _divisor(weight: list[float], normalize: bool) -> float | None:
+    if not normalize:
+        return None
+    total = sum(weight)
+    if total == 0:
+        raise ValueError("linear: the weights sum to zero; set normalize: false or change the weights")
+    return total

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 
 

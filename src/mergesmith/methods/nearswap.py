@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import REQUIRED, merge_method
 
 

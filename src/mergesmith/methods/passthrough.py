@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import PerModel, merge_method
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
 
 RAM_PAPER = "https://arxiv.org/abs/2601.13572"

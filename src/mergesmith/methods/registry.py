@@ -21,9 +21,8 @@ The engine does loading, slicing, dtype, device and memory; a method only does t
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from mergesmith.errors import MergeError, did_you_mean
@@ -93,16 +92,27 @@ class MergeMethod:
     def per_model_params(self) -> dict[str, Param]:
         return {k: p for k, p in self.params.items() if p.per_model}
 
+    # The same merge over raw values by a compiled kernel (`fused`), or None: see `fused_variant`.
+    fused: Callable[..., None] | None = None
+
     def __call__(
         self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None, stream: Any = None
     ) -> Any:
         """Apply to tensors with recipe-named, already resolved `params`."""
-        kwargs = {self.params[k].arg: v for k, v in params.items() if k in self.params}
+        kwargs = self._kwargs(params)
         if self.uses_rng:
             kwargs["rng"] = rng
         if stream is not None:
             kwargs["stream"] = stream
         return self.fn(list(xs), base, **kwargs)
+
+    def call_fused(self, out: Any, xs: Sequence[Any], base: Any, params: dict[str, Any]) -> None:
+        """The fused variant on raw values (`kernels.Raw`): writes `out`."""
+        assert self.fused is not None
+        self.fused(out, list(xs), base, **self._kwargs(params))
+
+    def _kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {self.params[k].arg: v for k, v in params.items() if k in self.params}
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -121,7 +131,6 @@ def merge_method(
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        hints = typing.get_type_hints(fn, include_extras=True)
         params: dict[str, Param] = {}
         uses_rng = streams = False
         for p in inspect.signature(fn).parameters.values():
@@ -133,7 +142,7 @@ def merge_method(
             if p.name == "stream":
                 streams = True
                 continue
-            hint = hints.get(p.name, float)
+            hint = _hint(fn, p)
             per_model = hint == PerModel
             typ = float if per_model else hint
             if typ not in (float, bool, int):
@@ -161,6 +170,26 @@ def merge_method(
         return fn
 
     return register
+
+
+def fused_variant(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(out, xs, base, **params)` as merge method `name`'s fused variant: the same merge
+    on raw values (`kernels.Raw`, the bytes of the files) by a compiled kernel, writing `out`; same
+    parameters, same result bit for bit. The engine uses it where the kernels can read the inputs."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        METHODS[name] = replace(METHODS[name], fused=fn)
+        return fn
+
+    return register
+
+
+def _hint(fn: Callable[..., Any], p: inspect.Parameter) -> Any:
+    """The annotation of a recipe parameter, evaluated (float when there is none). Only these are
+    evaluated: the tensors' annotations name torch types, and evaluating them would import torch."""
+    if p.annotation is inspect.Parameter.empty:
+        return float
+    return eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) else p.annotation  # noqa: S307
 
 
 def get_method(name: str, where: str = "merge_method") -> MergeMethod:

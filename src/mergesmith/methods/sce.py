@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
 from mergesmith.methods.task_vectors import sign_consensus

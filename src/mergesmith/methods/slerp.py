@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import REQUIRED, merge_method
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from mergesmith import kernels
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.rng import TensorRNG
 
 #: Below this many values a plain `kthvalue` is as fast as anything.

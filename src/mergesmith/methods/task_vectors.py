@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from mergesmith import kernels
+from mergesmith.lazy_torch import torch
 from mergesmith.methods.sparsify import Pruner, prune_whole
 
 PrunerFor = Callable[[int], Pruner]

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mergesmith.engine.mapped import pread_exact
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
 
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
@@ -409,17 +409,17 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         _, slot = self._where[name]
-        if tuple(tensor.shape) != slot.shape or str(tensor.dtype).removeprefix("torch.") != slot.dtype:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tuple(tensor.shape) != slot.shape or dtype != slot.dtype:
             raise MergeError(
                 f"internal error: computed {list(tensor.shape)} {tensor.dtype}, planned {list(slot.shape)} {slot.dtype}",
                 f"tensor {name}",
             )
-        self.write_at(name, 0, tensor)
+        self.write_at(name, 0, tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), dtype)
 
-    def write_at(self, name: str, offset: int, part: torch.Tensor) -> None:
-        """Write `part`, a piece of tensor `name` starting `offset` bytes into it (chunked output)."""
-        data = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        file, at = self._locate(name, offset, data.nbytes, str(part.dtype).removeprefix("torch."), "chunk")
+    def write_at(self, name: str, offset: int, data: np.ndarray, dtype: str) -> None:
+        """Write bytes `data`, a piece of tensor `name` (of `dtype`) starting `offset` bytes into it."""
+        file, at = self._locate(name, offset, data.nbytes, dtype, "chunk")
         with self._lock:
             self._put(file, at, data)
 

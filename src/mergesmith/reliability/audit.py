@@ -12,19 +12,21 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
+from mergesmith import kernels
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.output.report import update_report
 from mergesmith.output.shards import Shard, layout_shards
 from mergesmith.plan import Plan
 from mergesmith.reliability.checks import config_problems, nonfinite_count
 from mergesmith.reliability.resume import ShardJournal, fingerprint
 from mergesmith.sources import arch
-from mergesmith.sources.model import ModelInfo
+from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
 
-Write = Callable[[str, torch.Tensor], None]
+Write = Callable[[str, "torch.Tensor"], None]
 
 
 @dataclass
@@ -64,33 +66,31 @@ class Audit:
             raise
         self._tensor_written(name)
 
-    def scan(self, name: str, part: torch.Tensor) -> None:
-        """The NaN/Inf check of a chunk, for the executor to run in its computing workers."""
-        self._scan(name, part)
+    def scan(self, name: str, data: np.ndarray, dtype: str) -> None:
+        """The NaN/Inf check of a chunk's bytes, for the executor to run in its computing workers."""
+        self._record(name, kernels.nonfinite(data, dtype), data.nbytes, DTYPE_BYTES[dtype])
 
-    def write_at(self, name: str, offset: int, part: torch.Tensor, scanned: bool = False) -> None:
-        """A chunk of tensor `name` (the executor writes large tensors in row chunks); `scanned`: the
-        executor already ran `scan` on it."""
+    def write_at(self, name: str, offset: int, data: np.ndarray, dtype: str, scanned: bool = False) -> None:
+        """Bytes of a chunk of tensor `name` (the executor writes large tensors in row chunks);
+        `scanned`: the executor already ran `scan` on it."""
         if not scanned:
-            self._scan(name, part)
+            self.scan(name, data, dtype)
         forward_at = self.forward.__self__.write_at  # type: ignore[union-attr]
         try:
-            forward_at(name, offset, part)
+            forward_at(name, offset, data, dtype)
         except BaseException:
             self.write_failed = True
             raise
-        self._chunk_written(name, part.numel() * part.element_size())
+        self._chunk_written(name, data.nbytes)
 
     def copy_at(self, name: str, offset: int, dtype: str, src: tuple[int, int], nbytes: int) -> None:
         """Bytes of tensor `name` copied from an input file (a pure copy), checked as they land."""
-        torch_dtype = getattr(torch, dtype)
         forward_copy = self.forward.__self__.copy_at  # type: ignore[union-attr]
         rejected = []
 
         def check(view: memoryview) -> None:
             try:
-                if view.nbytes:
-                    self._scan(name, torch.frombuffer(view, dtype=torch_dtype))
+                self.scan(name, np.frombuffer(view, dtype=np.uint8), dtype)
             except MergeError:
                 rejected.append(name)
                 raise
@@ -132,13 +132,16 @@ class Audit:
     def _scan(self, name: str, values: torch.Tensor) -> None:
         if values.is_floating_point() and bool(torch.isfinite(values.sum())):
             return  # a finite sum in the tensor's own dtype: every value is finite (4x cheaper for bf16)
-        bad = nonfinite_count(values)
+        self._record(name, nonfinite_count(values), values.numel() * values.element_size(), values.element_size())
+
+    def _record(self, name: str, bad: int, nbytes: int, item: int) -> None:
+        """`bad` NaN/Inf values found in `nbytes` of tensor `name` (`item` bytes per value)."""
         if not bad:
             return
         with self._lock:
             self.nonfinite[name] = self.nonfinite.get(name, 0) + bad
         if not self.allow_nonfinite:
-            total = self._bytes_total.get(name, values.numel() * values.element_size()) // values.element_size()
+            total = self._bytes_total.get(name, nbytes) // item
             raise MergeError(
                 f"{bad} of {total} values are NaN or Inf in the merged tensor; check the method's parameters"
                 " (weights summing to ~0, extreme lambda) or pass --allow-nonfinite to keep them",

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from mergesmith.lazy_torch import torch
 from mergesmith.sources import arch
 
 CHUNK = 1 << 24  # elements per finiteness check: bounds the temporary boolean mask

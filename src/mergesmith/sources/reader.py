@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import torch
 from safetensors import safe_open
 
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import ModelInfo
 
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources import arch
 from mergesmith.sources.model import ModelInfo, TensorMeta
