@@ -10,7 +10,7 @@ a fixed pool of bf16 Gaussian values is tiled into every tensor at a name-depend
 fine-tune flips low mantissa bits of the base (relative deltas below 6%, signs kept).
 
 For every merge the script prints wall time and the child's peak RSS (from wait4), input GB/s, the
-"limit": Python + torch start-up, plus the inputs read and the float32 passes the arithmetic needs at
+"limit": start-up (Python, mergesmith, and torch for the merges that need it), plus the inputs read and the float32 passes the arithmetic needs at
 this machine's measured copy bandwidth, plus the output written at its measured rate for new file data
 (direct writes of aligned blocks, as the engine writes: ~2-2.6 GB/s on this project's VMs); then
 wall / limit and the target of issue #4.
@@ -59,6 +59,7 @@ class Method:
     recipe: str  # YAML with {base} {ft1} {ft2} {ft3}
     passes: float  # float32 passes over the output elements per input model the arithmetic needs
     target_s: float | None  # issue #4 target on medium
+    torch: bool = True  # whether the merge imports torch (linear and passthrough run without it)
 
 
 METHODS: dict[str, Method] = {
@@ -75,6 +76,7 @@ models:
 """,
         0,
         4.0,
+        torch=False,
     ),
     "ties": Method(
         """merge_method: ties
@@ -118,6 +120,7 @@ slices:
 """,
         0,
         3.0,
+        torch=False,
     ),
     "slerp": Method(
         """merge_method: slerp
@@ -311,11 +314,11 @@ def file_write_bandwidth(root: Path) -> float:
     return best
 
 
-def startup_seconds() -> float:
-    """Wall time of starting Python and importing mergesmith's CLI and torch: every run pays it."""
+def startup_seconds(torch: bool) -> float:
+    """Wall time of starting Python and importing mergesmith's CLI (and torch): every run pays it."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, mergesmith.cli"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(SRC)})
+    code = "import torch, mergesmith.cli" if torch else "import mergesmith.cli, mergesmith.merge"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     return time.perf_counter() - t0
 
 
@@ -405,10 +408,11 @@ def main() -> None:
     methods = [m for m in methods if m in known]
     bw = memory_bandwidth()
     write_bw = file_write_bandwidth(root)
-    startup = startup_seconds()
+    startup = {True: startup_seconds(True), False: startup_seconds(False)}
     print(
         f"machine: {os.cpu_count()} cores, copy bandwidth {bw / 1e9:.1f} GB/s (read + write), writing new file"
-        f" data {write_bw / 1e9:.2f} GB/s (direct), python + torch start {startup:.1f} s"
+        f" data {write_bw / 1e9:.2f} GB/s (direct), start-up {startup[False]:.1f} s (python + mergesmith),"
+        f" {startup[True]:.1f} s with torch"
     )
     if skipped:
         print(f"skipped (not in this mergesmith): {', '.join(skipped)}")
@@ -427,7 +431,7 @@ def main() -> None:
             models = 1 + recipe.read_text().count("- model:")
             # The floor: start-up, inputs read (page cache) and the arithmetic's float32 passes at the copy
             # bandwidth, and the output written into new file pages at the measured file-write rate.
-            limit = startup + (read + spec.passes * models * elements * 4) / bw + written / write_bw
+            limit = startup[spec.torch] + (read + spec.passes * models * elements * 4) / bw + written / write_bw
             out = root / size / f"out-{m}"
             ours = [sys.executable, "-c", WRAP, "run", str(recipe), str(out), "--quiet", "--overwrite"]
             ours += (["--cuda"] if args.cuda else []) + shlex.split(args.extra)

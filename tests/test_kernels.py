@@ -239,9 +239,9 @@ def test_linear_merges_with_and_without_the_fused_kernel_are_identical(models, t
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def test_copies_and_fused_merges_never_import_torch(models, tmp_path):
-    """`mergesmith run` of a linear merge and of a frankenmerge in a process where importing torch
-    fails: both complete, and write what the in-process (torch) runs write."""
+def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatch):
+    """`mergesmith run` of a linear merge and of frankenmerges in a process where importing torch
+    fails: all complete, and write what in-process runs write through torch (no kernels)."""
     import os
     import subprocess
     import sys
@@ -265,6 +265,17 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path):
                 {"sources": [{"model": str(models["ft2"]), "layer_range": [1, 4]}]},
             ],
         },
+        "stack-scaled-bf16": {  # scaled and converted copies: passthrough's fused variant
+            "merge_method": "passthrough",
+            "out_dtype": "bfloat16",
+            "slices": [
+                {"sources": [{"model": str(models["ft1"]), "layer_range": [0, 2]}]},
+                {
+                    "sources": [{"model": str(models["ft2"]), "layer_range": [2, 4]}],
+                    "parameters": {"scale": [{"filter": "o_proj", "value": 0.37}, {"value": 1.0}]},
+                },
+            ],
+        },
     }
     script = (
         "import sys\n"
@@ -277,6 +288,7 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path):
         "main.main(sys.argv[1:])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(mergesmith.__file__).parents[1])}
+    monkeypatch.setattr(kernels, "_LIB", None)  # the in-process references: every tensor through torch
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump(recipe))
