@@ -303,3 +303,16 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatc
         merge(recipe, tmp_path / f"{name}-ref")
         a, b = tensors(tmp_path / name), tensors(tmp_path / f"{name}-ref")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_magnitude_ranks_are_the_inverse_of_a_stable_argsort():
+    """DELLA's ranks: the CPU key sort equals torch's double stable argsort, ties by position."""
+    from mergesmith.methods.sparsify import magnitude_ranks
+
+    rows = torch.randn(7, 1000, generator=torch.Generator().manual_seed(3))
+    rows[2, :40] = 0.5
+    rows[2, 40:80] = -0.5  # equal magnitudes of both signs
+    rows[5, ::3] = 0.0
+    expected = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True).float()
+    assert torch.equal(magnitude_ranks(rows), expected)
+    assert torch.equal(magnitude_ranks(rows.double()).float(), expected)  # the torch path
