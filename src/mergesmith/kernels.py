@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mergesmith.sources.model import DTYPE_BYTES
+
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -209,7 +211,6 @@ _EXPONENT = {
     "float16": (np.uint16, 0x7C00),
     "float64": (np.uint64, 0x7FF0000000000000),
 }
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def raw_kinds() -> frozenset[str]:
@@ -230,7 +231,7 @@ class Raw:
 
     @property
     def count(self) -> int:
-        return self.data.nbytes // _ITEMSIZE[self.dtype]
+        return self.data.nbytes // DTYPE_BYTES[self.dtype]
 
 
 def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None) -> None:
@@ -256,7 +257,7 @@ def nonfinite(data: np.ndarray | memoryview, dtype: str) -> int:
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data
     if _LIB is None or dtype not in KINDS:
         return numpy_nonfinite(raw, dtype)
-    return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // _ITEMSIZE[dtype]))
+    return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // DTYPE_BYTES[dtype]))
 
 
 def numpy_nonfinite(raw: np.ndarray, dtype: str) -> int:

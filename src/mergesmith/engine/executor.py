@@ -285,13 +285,13 @@ class Executor:
             return None
         return method
 
-    def _prefetch(self, t: OutputTensor) -> None:
-        """Ask the kernel to read the inputs of `t` (the next tensor) into the page cache now, in the
-        background, so the reads of `t` find them there (models not yet cached, or evicted since)."""
+    def _prefetch(self, entries: list[Entry | None]) -> None:
+        """Ask the kernel to read these inputs (the next tensor's) into the page cache now, in the
+        background, so their reads find them there (models not yet cached, or evicted since)."""
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
-        for e in self._entries(t):
+        for e in entries:
             if e is not None:
                 with contextlib.suppress(OSError):
                     advise(self.files.fd(e.path), e.offset, e.nbytes, os.POSIX_FADV_WILLNEED)
@@ -341,10 +341,11 @@ class Executor:
 
         yield from self._in_order(merge, range(0, n, CHUNK_ELEMENTS))
 
-    def _parts(self, t: OutputTensor, target: Target):
+    def _parts(self, t: OutputTensor, target: Target, entries: list[Entry | None] | None = None):
         """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
-        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk."""
-        entries = self._entries(t)
+        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk.
+        `entries`: where the inputs lie, when the caller has them already."""
+        entries = self._entries(t) if entries is None else entries
         out_dtype = torch_dtype(t.dtype)
         if self._pure_copy(t, entries):  # the input's bytes are the output's: no float32 round trip
             e = entries[0]
@@ -456,12 +457,13 @@ class Executor:
         writer = _Writer(write_at, copy_at, slots=2 * self.workers + 2)
         try:
             tensors = self.plan.tensors
-            if tensors:
-                self._prefetch(tensors[0])
+            following = self._entries(tensors[0]) if tensors else []
+            self._prefetch(following)
             for k, t in enumerate(tensors):
+                entries = following  # looked up once per tensor, a tensor ahead
                 if k + 1 < len(tensors):
-                    self._prefetch(tensors[k + 1])
-                entries = self._entries(t)
+                    following = self._entries(tensors[k + 1])
+                    self._prefetch(following)
                 if copy_at is not None and self._copy_job(t, entries, writer):
                     pass
                 elif (method := self._fused(t, entries)) is not None:
@@ -475,7 +477,7 @@ class Executor:
                         slot = writer.slot()
                         return slot.get(0, shape, dt), slot
 
-                    for offset, part, slot, checked in self._parts(t, target):
+                    for offset, part, slot, checked in self._parts(t, target, entries):
                         writer.put(t.name, offset, _bytes(part), t.dtype, slot, checked)
                 if progress is not None:
                     progress(t)

@@ -66,7 +66,7 @@ class Audit:
             raise
         self._tensor_written(name)
 
-    def scan(self, name: str, data: np.ndarray, dtype: str) -> None:
+    def scan(self, name: str, data: np.ndarray | memoryview, dtype: str) -> None:
         """The NaN/Inf check of a chunk's bytes, for the executor to run in its computing workers."""
         self._record(name, kernels.nonfinite(data, dtype), data.nbytes, DTYPE_BYTES[dtype])
 
@@ -90,7 +90,7 @@ class Audit:
 
         def check(view: memoryview) -> None:
             try:
-                self.scan(name, np.frombuffer(view, dtype=np.uint8), dtype)
+                self.scan(name, view, dtype)
             except MergeError:
                 rejected.append(name)
                 raise
