@@ -239,9 +239,124 @@ def test_linear_merges_with_and_without_the_fused_kernel_are_identical(models, t
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
+def test_delta_bracket_and_l1_kernels_equal_the_float32_passes():
+    """The raw lane's observing kernels: the bracket of |x - b| (rounded through a recipe dtype) and
+    DARE's row L1 norms before and after the drop, against the torch/NumPy passes on the delta."""
+    g = torch.Generator().manual_seed(11)
+    x, b = torch.randn(37, 101, generator=g), torch.randn(37, 101, generator=g)
+    x[3, :20] = b[3, :20] + 0.5  # equal magnitudes
+    xb, bb = x.to(torch.bfloat16), b
+    d = xb.float() - bb  # x read as bfloat16, b as float32
+    a = d.abs().reshape(-1).numpy()
+    raw_x = kernels.Raw(xb.view(torch.uint8).numpy(), "bfloat16")
+    raw_b = kernels.Raw(bb.view(torch.uint8).numpy(), "float32")
+    for lo, hi in [(0.5, 0.9), (0.5, None), (None, 0.7), (None, None)]:
+        below, inside = kernels.delta_bracket(raw_x, raw_b, lo, hi)
+        keep = np.ones(a.size, bool) if lo is None else a >= np.float32(lo)
+        if hi is not None:
+            keep &= a <= np.float32(hi)
+        assert below == (0 if lo is None else int((a < np.float32(lo)).sum()))
+        assert np.array_equal(inside, a[keep])
+    via = kernels.Raw(x.view(torch.uint8).numpy(), "float32", "bfloat16")  # float32 rounded through bf16
+    assert np.array_equal(
+        kernels.delta_bracket(via, raw_b, 0.5, 0.9)[1], kernels.delta_bracket(raw_x, raw_b, 0.5, 0.9)[1]
+    )
+    rows = d.clone()
+    expected = kernels.keep_apply_l1(rows.numpy(), 77, 1000, TensorRNG.word_cut(0.4))
+    got = kernels.delta_keep_l1(raw_x, raw_b, 101, 77, 1000, TensorRNG.word_cut(0.4))
+    assert all(np.array_equal(u, v) for u, v in zip(got, expected, strict=True))
+    assert np.allclose(got[0], d.abs().double().sum(dim=1).numpy())
+
+
+def _quantised_models(root):
+    """A float32 base on a grid of 1/256 and two fine-tunes that add multiples of 1/64: deltas take
+    five values, so TIES thresholds fall among thousands of equal magnitudes."""
+    from mergesmith.toymodels import load_state_dict, make_base, save_state_dict
+
+    base = make_base(root / "qbase", layers=2, hidden=64, vocab=96, seed=4)
+    state = {k: torch.round(v * 256) / 256 for k, v in load_state_dict(base).items()}
+    save_state_dict(base, state)
+    out = {"base": base}
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        ft = root / f"qft{seed}"
+        ft.mkdir()
+        for f in base.iterdir():
+            if f.suffix == ".json":
+                (ft / f.name).write_bytes(f.read_bytes())
+        ft_state = {k: v + torch.randint(-2, 3, v.shape, generator=g).float() / 64 for k, v in state.items()}
+        save_state_dict(ft, ft_state, shards=2)
+        out[f"ft{seed}"] = ft
+    return out
+
+
+@pytest.mark.parametrize(
+    "method,params,extra",
+    [
+        ("ties", {"density": 0.5}, {}),
+        ("ties", {"density": [0.3, 0.8]}, {"parameters": {"normalize": False, "lambda": 1.3}, "dtype": "bfloat16"}),
+        ("ties", {"density": 0.7}, {"dtype": "float16", "out_dtype": "bfloat16"}),
+        ("dare_ties", {"density": 0.53}, {"dtype": "bfloat16"}),
+        ("dare_ties", {"density": 0.4}, {"parameters": {"rescale": False, "normalize": True}}),
+        ("dare_linear", {"density": [0.9, 0.2]}, {"parameters": {"lambda": 0.7}, "out_dtype": "float16"}),
+        ("task_arithmetic", {}, {"parameters": {"normalize": True}}),
+    ],
+)
+def test_task_vector_merges_in_the_raw_lane_equal_the_torch_path(tmp_path, monkeypatch, method, params, extra):
+    """End to end from YAML: ties, dare_ties, dare_linear and task_arithmetic merged from the files' raw
+    values by the kernels write the bytes the torch pipeline writes (recipe and output dtypes, per-model
+    densities, a weight gradient, thresholds among many equal magnitudes cut mid-chunk)."""
+    from conftest import merge, tensors
+
+    from mergesmith.engine import executor
+    from mergesmith.methods import sparsify
+
+    if not {extra.get("dtype", "float32"), extra.get("out_dtype", "float32")} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    models = _quantised_models(tmp_path)
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 512)  # several chunks per tensor
+    monkeypatch.setattr(sparsify, "SMALL", 100)  # thresholds bracketed by a sample
+    monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
+    monkeypatch.setattr(sparsify, "SAMPLE_RUN", 16)
+    weights = {"ft1": [0.9, 0.3], "ft2": 0.6}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[k]), "parameters": {"weight": w, **params}} for k, w in weights.items()],
+        **extra,
+    }
+    merge(recipe, tmp_path / "raw")
+    calls = []
+    monkeypatch.setattr(kernels, "task_merge", lambda *a, **k: calls.append(1))  # the raw lane is gone
+    monkeypatch.setattr(executor.Executor, "_raw_streaming", lambda self, t, entries: None)
+    merge(recipe, tmp_path / "torch")
+    assert not calls
+    a, b = tensors(tmp_path / "raw"), tensors(tmp_path / "torch")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    if method == "ties" and "parameters" not in extra:  # the formula, independently: top-k, elect, disjoint mean
+        base = tensors(models["base"])["model.layers.0.mlp.up_proj.weight"].double()
+        fts = [tensors(models[k])["model.layers.0.mlp.up_proj.weight"].double() for k in ("ft1", "ft2")]
+        w = [0.9, 0.6]  # layer 0: the start of the gradient [0.9, 0.3]
+        kept = []
+        for ft, wi in zip(fts, w, strict=True):
+            dlt = (ft - base).reshape(-1)
+            k = int(params["density"] * dlt.numel())
+            mask = torch.zeros_like(dlt, dtype=torch.bool)
+            mask[torch.argsort(-dlt.abs(), stable=True)[:k]] = True  # ties to the lowest index
+            kept.append((dlt * mask * wi).view(base.shape))
+        sign = torch.where(sum(kept) >= 0, 1.0, -1.0)
+        agree = [torch.where(kd * sign > 0, kd, torch.zeros_like(kd)) for kd in kept]
+        div = sum(wi * (ag != 0).double() for wi, ag in zip(w, agree, strict=True)).clamp(min=min(w) / 2)
+        expected = (base + sum(agree) / div).to(a["model.layers.0.mlp.up_proj.weight"].dtype)
+        assert torch.allclose(a["model.layers.0.mlp.up_proj.weight"].double(), expected.double(), atol=1e-6)
+
+
 def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatch):
-    """`mergesmith run` of a linear merge and of frankenmerges in a process where importing torch
-    fails: all complete, and write what in-process runs write through torch (no kernels)."""
+    """`mergesmith run` of a linear merge, of frankenmerges and of ties and dare_ties in a process
+    where importing torch fails: all complete, and write what in-process runs write through torch
+    (no kernels)."""
     import os
     import subprocess
     import sys
@@ -257,6 +372,17 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatc
             "merge_method": "linear",
             "dtype": "bfloat16",
             "models": [{"model": str(models[k]), "parameters": {"weight": w}} for k, w in (("ft1", 0.6), ("ft2", 0.4))],
+        },
+        **{
+            method: {  # the task-vector raw lane
+                "merge_method": method,
+                "base_model": str(models["base"]),
+                "dtype": "bfloat16",
+                "models": [
+                    {"model": str(models[k]), "parameters": {"weight": 0.5, "density": 0.4}} for k in ("ft1", "ft2")
+                ],
+            }
+            for method in ("ties", "dare_ties")
         },
         "stack": {
             "merge_method": "passthrough",

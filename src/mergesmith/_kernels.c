@@ -96,39 +96,45 @@ static inline float ms_agree(float x, float s) { /* max(x * s, 0), NaN kept */
     return a != a ? a : (a < 0.0f ? 0.0f : a);
 }
 
+/* One block of the combine into c (len <= MS_BLOCK values): d[j] + i0 are the block's weighted deltas. */
+static inline void ms_ties_block(const float *const *d, int64_t i0, int32_t m, const float *w, int32_t normalize,
+                                 float floor, int64_t len, float *restrict c) {
+    float t[MS_BLOCK], s[MS_BLOCK], div[MS_BLOCK];
+    const float *d0 = d[0] + i0;
+    for (int64_t k = 0; k < len; k++) t[k] = d0[k];
+    for (int32_t j = 1; j < m; j++) {
+        const float *dj = d[j] + i0;
+        for (int64_t k = 0; k < len; k++) t[k] += dj[k];
+    }
+    for (int64_t k = 0; k < len; k++) s[k] = t[k] != t[k] ? t[k] : (t[k] < 0.0f ? -1.0f : 1.0f);
+    for (int64_t k = 0; k < len; k++) {
+        float a = ms_agree(d0[k], s[k]);
+        div[k] = 0.0f + w[0] * (a != a ? a : (a > 0.0f ? 1.0f : 0.0f));
+        c[k] = a * s[k];
+    }
+    for (int32_t j = 1; j < m; j++) {
+        const float *dj = d[j] + i0;
+        float wj = w[j];
+        for (int64_t k = 0; k < len; k++) {
+            float a = ms_agree(dj[k], s[k]);
+            div[k] += wj * (a != a ? a : (a > 0.0f ? 1.0f : 0.0f));
+            c[k] += a * s[k];
+        }
+    }
+    if (normalize && floor > 0.0f) {
+        for (int64_t k = 0; k < len; k++) c[k] = c[k] / (div[k] != div[k] ? div[k] : (div[k] < floor ? floor : div[k]));
+    } else if (normalize) {
+        for (int64_t k = 0; k < len; k++) c[k] = c[k] / (div[k] == 0.0f ? 1.0f : div[k]);
+    }
+}
+
 MS_CLONES void ms_ties_combine(float *const *d, int32_t m, const float *w, int32_t normalize, float floor,
                                int64_t n) {
-    /* block by block through local arrays: no aliasing between d[0] (written) and the others, so
-     * every loop vectorises */
-    float t[MS_BLOCK], s[MS_BLOCK], div[MS_BLOCK], c[MS_BLOCK];
+    /* block by block through a local array: d[0] is written only once its block is combined */
+    float c[MS_BLOCK];
     for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
         int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
-        const float *d0 = d[0] + i0;
-        for (int64_t k = 0; k < len; k++) t[k] = d0[k];
-        for (int32_t j = 1; j < m; j++) {
-            const float *dj = d[j] + i0;
-            for (int64_t k = 0; k < len; k++) t[k] += dj[k];
-        }
-        for (int64_t k = 0; k < len; k++) s[k] = t[k] != t[k] ? t[k] : (t[k] < 0.0f ? -1.0f : 1.0f);
-        for (int64_t k = 0; k < len; k++) {
-            float a = ms_agree(d0[k], s[k]);
-            div[k] = 0.0f + w[0] * (a != a ? a : (a > 0.0f ? 1.0f : 0.0f));
-            c[k] = a * s[k];
-        }
-        for (int32_t j = 1; j < m; j++) {
-            const float *dj = d[j] + i0;
-            float wj = w[j];
-            for (int64_t k = 0; k < len; k++) {
-                float a = ms_agree(dj[k], s[k]);
-                div[k] += wj * (a != a ? a : (a > 0.0f ? 1.0f : 0.0f));
-                c[k] += a * s[k];
-            }
-        }
-        if (normalize && floor > 0.0f) {
-            for (int64_t k = 0; k < len; k++) c[k] = c[k] / (div[k] != div[k] ? div[k] : (div[k] < floor ? floor : div[k]));
-        } else if (normalize) {
-            for (int64_t k = 0; k < len; k++) c[k] = c[k] / (div[k] == 0.0f ? 1.0f : div[k]);
-        }
+        ms_ties_block((const float *const *)d, i0, m, w, normalize, floor, len, c);
         float *out = d[0] + i0;
         for (int64_t k = 0; k < len; k++) out[k] = c[k];
     }
@@ -268,6 +274,169 @@ MS_CLONES void ms_linear(void *out, int32_t out_kind, const void *const *x, cons
         if (normalize)
             for (int64_t k = 0; k < len; k++) acc[k] = acc[k] / divisor;
         ms_store(out, out_kind, i0, len, acc);
+    }
+}
+
+/* The task-vector family over raw values (`methods.task_vectors`): the deltas d = x - b of each input
+ * are formed block by block from the files' values (rounded through the recipe dtype, as float32) and
+ * never stored. Observing passes feed the pruners (the magnitudes' bracket of TIES' top-k threshold;
+ * DARE's L1 norms before and after the drop); the merging pass prunes, weighs, elects signs, combines,
+ * adds to the base and rounds to the output dtype in one pass. Each step is the float32 operation the
+ * torch path does, in the same order, so the results are the same bit for bit. */
+
+/* d = x - b for values i0 .. i0 + len, given b's block */
+static inline void ms_delta(const void *x, int32_t kind, int32_t via, const float *b, int64_t i0, int64_t len,
+                            float *restrict d) {
+    ms_load(x, kind, via, i0, len, d);
+    for (int64_t k = 0; k < len; k++) d[k] = d[k] - b[k];
+}
+
+/* The magnitudes' bracket (`ms_bracket`) of d = x - b: *below counts |d| not >= lo (NaN there), the
+ * |d| in [lo, hi] go to out in order; returns their count. Without lo (`has_lo` 0) nothing is below
+ * and every |d| <= hi is a candidate (every |d|, NaN included, without hi either). */
+MS_CLONES int64_t ms_delta_bracket(const void *x, int32_t xk, int32_t xv, const void *b, int32_t bk, int32_t bv,
+                                   int64_t n, int32_t has_lo, float lo, int32_t has_hi, float hi, float *out,
+                                   int64_t *below) {
+    float bb[MS_BLOCK], a[MS_BLOCK];
+    int64_t k = 0, under = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, bk, bv, i0, len, bb);
+        ms_delta(x, xk, xv, bb, i0, len, a);
+        for (int64_t j = 0; j < len; j++) a[j] = fabsf(a[j]);
+        if (has_lo) {
+            int64_t block_below;
+            k += ms_bracket(a, len, lo, has_hi ? hi : INFINITY, out + k, &block_below);
+            under += block_below;
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                out[k] = a[j];
+                k += !has_hi || a[j] <= hi;
+            }
+        }
+    }
+    *below = under;
+    return k;
+}
+
+/* Eight running sums of |v| (value c of a row into sum c % 8): a row given block by block, every block
+ * but its last a multiple of 8 long, sums as `ms_l1` does. */
+static inline void ms_l1_add(double *s, const float *v, int64_t len) {
+    int64_t c = 0;
+    for (; c + 8 <= len; c += 8)
+        for (int j = 0; j < 8; j++) s[j] += fabs((double)v[c + j]);
+    for (int j = 0; c + j < len; j++) s[j] += fabs((double)v[c + j]);
+}
+
+static inline double ms_l1_sum(const double *s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+/* DARE's observe pass: per row of d = x - b (rows x cols values), the L1 norm before and after
+ * d *= (word < cut) (word: the stream of `key` at start + the value's index). */
+MS_CLONES void ms_delta_keep_l1(const void *x, int32_t xk, int32_t xv, const void *b, int32_t bk, int32_t bv,
+                                int64_t rows, int64_t cols, uint64_t key, uint64_t start, uint64_t cut,
+                                double *before, double *after) {
+    float bb[MS_BLOCK], d[MS_BLOCK];
+    for (int64_t r = 0; r < rows; r++) {
+        double s0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c0 = 0; c0 < cols; c0 += MS_BLOCK) {
+            int64_t i0 = r * cols + c0, len = cols - c0 < MS_BLOCK ? cols - c0 : MS_BLOCK;
+            ms_load(b, bk, bv, i0, len, bb);
+            ms_delta(x, xk, xv, bb, i0, len, d);
+            ms_l1_add(s0, d, len);
+            for (int64_t k = 0; k < len; k++) d[k] *= (float)((uint64_t)ms_word(key, start + (uint64_t)(i0 + k)) < cut);
+            ms_l1_add(s1, d, len);
+        }
+        before[r] = ms_l1_sum(s0);
+        after[r] = ms_l1_sum(s1);
+    }
+}
+
+/* How one input's delta is pruned and weighed in the merging pass (`kernels.Rule`). */
+typedef struct {
+    int32_t mode;     /* MS_KEEP, MS_ZERO (d * 0), MS_SHRINK (0 where -t <= d <= t), MS_BUDGET, MS_DROP */
+    float t;          /* MS_SHRINK, MS_BUDGET: the magnitude threshold */
+    int64_t budget;   /* MS_BUDGET: |d| > t kept, and the first `budget` values with |d| == t */
+    uint64_t key;     /* MS_DROP: d * (word < cut), word the stream of key at start + index */
+    uint64_t start;
+    uint64_t cut;
+    int32_t rescale;  /* MS_DROP: then d * ratio */
+    float ratio;
+    float weight;     /* last: d * weight */
+} ms_rule;
+
+#define MS_KEEP 0
+#define MS_ZERO 1
+#define MS_SHRINK 2
+#define MS_BUDGET 3
+#define MS_DROP 4
+#define MS_MAX_INPUTS 16
+
+static inline void ms_prune(ms_rule *p, int64_t i0, int64_t len, float *restrict d) {
+    switch (p->mode) {
+    case MS_ZERO:
+        for (int64_t k = 0; k < len; k++) d[k] = d[k] * 0.0f;
+        break;
+    case MS_SHRINK: {
+        float t = p->t;
+        for (int64_t k = 0; k < len; k++) d[k] = (d[k] >= -t && d[k] <= t) ? 0.0f : d[k];
+        break;
+    }
+    case MS_BUDGET: /* in order: the values equal to t are kept first come, first kept */
+        for (int64_t k = 0; k < len; k++) {
+            float a = fabsf(d[k]);
+            int keep = a > p->t;
+            if (!keep && a == p->t && p->budget > 0) {
+                keep = 1;
+                p->budget--;
+            }
+            d[k] = d[k] * (float)keep;
+        }
+        break;
+    case MS_DROP:
+        for (int64_t k = 0; k < len; k++)
+            d[k] *= (float)((uint64_t)ms_word(p->key, p->start + (uint64_t)(i0 + k)) < p->cut);
+        if (p->rescale)
+            for (int64_t k = 0; k < len; k++) d[k] = d[k] * p->ratio;
+        break;
+    default:
+        break;
+    }
+    float w = p->weight;
+    for (int64_t k = 0; k < len; k++) d[k] = d[k] * w;
+}
+
+/* The merging pass: out = b + lambda * combine(prune_j(x_j - b) * w_j), rounded to out_kind.
+ * combine: TIES' sign consensus and disjoint sum (`ms_ties_block`, `floor` as there) when `consensus`,
+ * else the plain sum, divided by `divisor` when `normalize`. The rules' budgets are used up in place. */
+MS_CLONES void ms_task_merge(void *out, int32_t out_kind, const void *const *x, const int32_t *kinds,
+                             const int32_t *vias, int32_t m, const void *b, int32_t bk, int32_t bv, ms_rule *rules,
+                             int32_t consensus, int32_t normalize, float floor, float divisor, float lambda,
+                             int64_t n) {
+    float bb[MS_BLOCK], c[MS_BLOCK], d[MS_MAX_INPUTS][MS_BLOCK];
+    const float *rows[MS_MAX_INPUTS];
+    float w[MS_MAX_INPUTS];
+    for (int32_t j = 0; j < m; j++) {
+        rows[j] = d[j];
+        w[j] = rules[j].weight;
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, bk, bv, i0, len, bb);
+        for (int32_t j = 0; j < m; j++) {
+            ms_delta(x[j], kinds[j], vias[j], bb, i0, len, d[j]);
+            ms_prune(&rules[j], i0, len, d[j]);
+        }
+        if (consensus) {
+            ms_ties_block(rows, 0, m, w, normalize, floor, len, c);
+        } else {
+            for (int64_t k = 0; k < len; k++) c[k] = d[0][k];
+            for (int32_t j = 1; j < m; j++)
+                for (int64_t k = 0; k < len; k++) c[k] += d[j][k];
+            if (normalize)
+                for (int64_t k = 0; k < len; k++) c[k] = c[k] / divisor;
+        }
+        for (int64_t k = 0; k < len; k++) c[k] = fmaf(c[k], lambda, bb[k]);
+        ms_store(out, out_kind, i0, len, c);
     }
 }
 

@@ -53,6 +53,14 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_nonfinite.argtypes = [ptr, i32, i64]
     lib.ms_nonfinite.restype = i64
     lib.ms_has_f16.restype = i32
+    lib.ms_delta_bracket.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i32, ctypes.c_float, i32, ctypes.c_float]
+    lib.ms_delta_bracket.argtypes += [ptr, ptr]
+    lib.ms_delta_bracket.restype = i64
+    lib.ms_delta_keep_l1.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i64, u64, u64, u64, ptr, ptr]
+    lib.ms_delta_keep_l1.restype = None
+    f32 = ctypes.c_float
+    lib.ms_task_merge.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i32, i32, f32, f32, f32, i64]
+    lib.ms_task_merge.restype = None
     return lib
 
 
@@ -266,3 +274,94 @@ def numpy_nonfinite(raw: np.ndarray, dtype: str) -> int:
     bits, mask = _EXPONENT[dtype]
     values = raw.reshape(-1).view(np.uint8).view(bits)
     return int(np.count_nonzero((values & bits(mask)) == bits(mask)))
+
+
+def _raw_args(x: Raw) -> tuple[int, int, int]:
+    """(address, kind, via kind or -1) of raw values, as the kernels take them."""
+    return x.data.ctypes.data, KINDS[x.dtype], KINDS[x.via] if x.via else -1
+
+
+def delta(x: Raw, base: Raw) -> np.ndarray:
+    """x - base as float32 (each rounded through its `via` first): torch's `x.sub_(base)`, bit for bit."""
+    out = Raw(np.empty(x.count, dtype=np.float32), "float32")
+    linear(out, [x, base], [1.0, -1.0], None)  # x * 1, then fma(base, -1, x): one rounding of x - base
+    return out.data
+
+
+def delta_bracket(x: Raw, base: Raw, lo: float | None, hi: float | None) -> tuple[int, np.ndarray]:
+    """`bracket` of the magnitudes |x - base|, without storing them. Without `lo` nothing counts as
+    below and every magnitude up to `hi` (every one, NaN included, without `hi` either) is a candidate,
+    as `sparsify._TopK.observe` gathers them."""
+    assert _LIB is not None and x.count == base.count
+    out = np.empty(x.count, dtype=np.float32)
+    below = ctypes.c_int64()
+    k = _LIB.ms_delta_bracket(
+        *_raw_args(x), *_raw_args(base), x.count, lo is not None, lo or 0.0, hi is not None, hi or 0.0,
+        out.ctypes.data, ctypes.byref(below),
+    )  # fmt: skip
+    return below.value, out[:k].copy()
+
+
+def delta_keep_l1(x: Raw, base: Raw, cols: int, key: int, start: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (of `cols` values) of x - base, the L1 norms (as `row_l1` sums them) before and after
+    keeping the values whose word of the stream of `key` (from word `start`) is below `cut`."""
+    assert _LIB is not None and x.count == base.count and x.count % cols == 0
+    rows = x.count // cols
+    before = np.empty(rows, dtype=np.float64)
+    after = np.empty(rows, dtype=np.float64)
+    _LIB.ms_delta_keep_l1(
+        *_raw_args(x), *_raw_args(base), rows, cols, key, start, cut, before.ctypes.data, after.ctypes.data
+    )
+    return before, after
+
+
+class Rule(ctypes.Structure):
+    """How the merging pass (`task_merge`) prunes and weighs one input's delta d:
+    KEEP d; ZERO d * 0; SHRINK 0 where -t <= d <= t (torch's `hardshrink`); BUDGET d * keep, keep
+    where |d| > t and for the first `budget` values with |d| == t; DROP d * (word < cut) over the
+    stream of `key` from word `start`, then d * ratio if `rescale`. Then d * weight."""
+
+    KEEP, ZERO, SHRINK, BUDGET, DROP = range(5)
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("t", ctypes.c_float),
+        ("budget", ctypes.c_int64),
+        ("key", ctypes.c_uint64),
+        ("start", ctypes.c_uint64),
+        ("cut", ctypes.c_uint64),
+        ("rescale", ctypes.c_int32),
+        ("ratio", ctypes.c_float),
+        ("weight", ctypes.c_float),
+    ]
+
+
+#: The most inputs (besides the base) `task_merge` takes.
+MAX_INPUTS = 16
+
+
+def task_merge(
+    out: Raw,
+    xs: list[Raw],
+    base: Raw,
+    rules: list[Rule],
+    *,
+    consensus: bool,
+    normalize: bool,
+    floor: float = 0.0,
+    divisor: float = 1.0,
+    lambda_: float = 1.0,
+) -> None:
+    """out = base + lambda * combine(prune_i(x_i - base) * w_i) by `rules` (`methods.task_vectors`'s
+    pipeline with torch, bit for bit): TIES' sign consensus and disjoint sum (normalised, divisors
+    raised to `floor`) or the plain sum (divided by `divisor` when `normalize`)."""
+    m = len(xs)
+    assert _LIB is not None and 0 < m <= MAX_INPUTS and len(rules) == m
+    assert all(x.count == out.count for x in (*xs, base))
+    ptrs = (ctypes.c_void_p * m)(*[x.data.ctypes.data for x in xs])
+    kinds = (ctypes.c_int32 * m)(*[KINDS[x.dtype] for x in xs])
+    vias = (ctypes.c_int32 * m)(*[KINDS[x.via] if x.via else -1 for x in xs])
+    table = (Rule * m)(*rules)
+    _LIB.ms_task_merge(
+        out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, *_raw_args(base), table,
+        int(consensus), int(normalize), floor, divisor, lambda_, out.count,
+    )  # fmt: skip

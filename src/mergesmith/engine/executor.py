@@ -7,9 +7,11 @@ straight into its shard while the next tensor is computed. Methods that work ele
 (`ELEMENTWISE`) run on row chunks of at most `CHUNK_ELEMENTS` values, so memory holds a few chunks
 whatever the model size; the others get whole tensors. See docs/performance.md.
 
-Two kinds of tensor need no torch, and are done first without it: pure copies (the input file's
-bytes go to the output file) and methods with a fused variant (`registry.fused_variant`: a compiled
-kernel over the files' raw values). A merge made only of those never imports torch (`lazy_torch`).
+Three kinds of tensor need no torch, and are done first without it: pure copies (the input file's
+bytes go to the output file), methods with a fused variant (`registry.fused_variant`: a compiled
+kernel over the files' raw values), and the task-vector methods given raw values (the raw lane of
+`methods.task_vectors`: the same streamed passes, each a compiled kernel). A merge made only of
+those never imports torch (`lazy_torch`).
 """
 
 from __future__ import annotations
@@ -274,16 +276,27 @@ class Executor:
         e = entries[0]
         return e is not None and e.dtype == t.dtype and self.dtype in (None, e.dtype) and e.shape == t.shape
 
-    def _fused(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
-        """The method of `t` when its fused variant can merge these inputs (same shape as the output,
-        dtypes the kernels read, on the CPU): no torch, no float32 buffers, one pass per chunk."""
-        method = get_method(t.method)
+    def _raw_ready(self, t: OutputTensor, entries: list[Entry | None]) -> bool:
+        """Whether the kernels can merge `t` from its files' raw values: on the CPU, every input in a
+        plain safetensors file with the output's shape, every dtype one the kernels read."""
         kinds = kernels.raw_kinds()
-        if method.fused is None or not self.on_cpu or t.dtype not in kinds or self.dtype not in (None, *kinds):
+        if not self.on_cpu or t.dtype not in kinds or self.dtype not in (None, *kinds):
+            return False
+        return all(e is not None and e.dtype in kinds and e.shape == t.shape for e in entries)
+
+    def _fused(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
+        """The method of `t` when its fused variant can merge these inputs: no torch, no float32
+        buffers, one pass per chunk."""
+        method = get_method(t.method)
+        return method if method.fused is not None and self._raw_ready(t, entries) else None
+
+    def _raw_streaming(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
+        """The method of `t` when it is a task-vector method that may run in the raw lane."""
+        method = get_method(t.method)
+        others = len(entries) - 1
+        if not method.streams or t.base is None or not 0 < others <= kernels.MAX_INPUTS:
             return None
-        if any(e is None or e.dtype not in kinds or e.shape != t.shape for e in entries):
-            return None
-        return method
+        return method if self._raw_ready(t, entries) else None
 
     def _prefetch(self, entries: list[Entry | None]) -> None:
         """Ask the kernel to read these inputs (the next tensor's) into the page cache now, in the
@@ -312,34 +325,101 @@ class Executor:
         self._check(t.name, data, dtype)
         return True
 
+    def _via(self, dtype: str) -> str | None:
+        """The dtype raw values of `dtype` are rounded through when read: the recipe's, if another."""
+        return self.dtype if self.dtype not in (None, dtype) else None
+
+    @contextlib.contextmanager
+    def _raw_chunk(self, t: OutputTensor, entries: list[Entry], start: int, count: int):
+        """The inputs' values `start` .. `start + count` as (base or None, the others) `kernels.Raw`,
+        read from the files' maps: measured on medium linear, that costs 1-2 s less system time than
+        `pread` copies (the torch path's loads). The pages are dropped again afterwards."""
+        spans = [(e, start * DTYPE_BYTES[e.dtype], count * DTYPE_BYTES[e.dtype]) for e in entries]
+        try:
+            xs = [
+                kernels.Raw(self.files.mapped(*span), e.dtype, self._via(e.dtype))
+                for span, e in zip(spans, entries, strict=True)
+            ]
+            yield (xs[t.base] if t.base is not None else None), [x for i, x in enumerate(xs) if i != t.base]
+        finally:
+            for span in spans:
+                self.files.drop(*span)
+
     def _fused_parts(self, t: OutputTensor, entries: list[Entry], method: MergeMethod, writer: _Writer):
         """Yield (byte offset, bytes, slot, checked) of `t` merged by `method`'s fused variant, in flat
-        chunks of `CHUNK_ELEMENTS` values, read by the kernel from the files' maps: measured on medium
-        linear, that costs 1-2 s less system time than `pread` copies (the torch path's loads)."""
+        chunks of `CHUNK_ELEMENTS` values."""
         n = _numel(t.shape)
         item = DTYPE_BYTES[t.dtype]
         params = _params(t)
-        vias = [self.dtype if self.dtype not in (None, e.dtype) else None for e in entries]
 
         def merge(start: int) -> tuple[int, np.ndarray, Buffers, bool]:
             count = min(CHUNK_ELEMENTS, n - start)
-            spans = [(e, start * DTYPE_BYTES[e.dtype], count * DTYPE_BYTES[e.dtype]) for e in entries]
-            xs = [
-                kernels.Raw(self.files.mapped(*span), e.dtype, via)
-                for span, e, via in zip(spans, entries, vias, strict=True)
-            ]
             slot = writer.slot()
             out = kernels.Raw(slot.raw(0, count * item), t.dtype)
-            base = xs[t.base] if t.base is not None else None
-            others = [x for i, x in enumerate(xs) if i != t.base]
-            try:
+            with self._raw_chunk(t, entries, start, count) as (base, others):
                 _reported(t, lambda: method.call_fused(out, others, base, params))
-            finally:
-                for span in spans:
-                    self.files.drop(*span)
             return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
 
         yield from self._in_order(merge, range(0, n, CHUNK_ELEMENTS))
+
+    def _observe(self, stream: Streaming, observe: Callable, chunks: list) -> None:
+        """The observe passes of a streamed merge (`observe(chunk)` on the workers, as often as the
+        pruners ask), the pruners' `finish`, then the stream set to "apply"."""
+        run = map if self._pool is None else self._pool.map  # the pruners finish side by side
+        stream.phase = "observe"
+        while stream.needs_observe:
+            for _ in self._in_order(observe, chunks):
+                pass
+            if stream.finish(run):
+                break
+        else:
+            stream.finish(run)
+        stream.phase = "apply"
+
+    def _raw_streamed(self, t: OutputTensor, entries: list[Entry], method: MergeMethod, writer: _Writer):
+        """`_streamed` in the raw lane: the same passes (sample, observe, apply) over chunks of whole
+        rows, the inputs given to the method as raw values. Runs the sample phase and returns the
+        parts' iterator, or None (nothing written) when a pruner of `t` cannot run there."""
+        n = _numel(t.shape)
+        rows, item = (t.shape[0] if len(t.shape) >= 2 else 1), DTYPE_BYTES[t.dtype]
+        cols = n // rows if rows else 1
+        stream = Streaming(n, cols=cols)
+        params = _params(t)
+        rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
+
+        def call(base: kernels.Raw, others: list[kernels.Raw], view: Streaming) -> None:
+            _reported(t, lambda: method(others, base, params, rng=rng, stream=view))
+
+        samples = []
+        for e in entries:  # the fixed sample, as one run of raw values per input
+            parts = []
+            for a, b in sample_blocks(n):
+                span = (e, a * DTYPE_BYTES[e.dtype], (b - a) * DTYPE_BYTES[e.dtype])
+                parts.append(np.array(self.files.mapped(*span)))
+                self.files.drop(*span)
+            data = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+            samples.append(kernels.Raw(data, e.dtype, self._via(e.dtype)))
+        call(samples[t.base], [x for i, x in enumerate(samples) if i != t.base], stream)
+        if not stream.fusable:
+            return None
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        chunks = [(r0 * cols, (min(rows, r0 + step) - r0) * cols) for r0 in range(0, rows, step)]
+
+        def observe(chunk: tuple[int, int]) -> None:
+            with self._raw_chunk(t, entries, *chunk) as (base, others):
+                call(base, others, stream.at(chunk[0]))
+
+        self._observe(stream, observe, chunks)
+
+        def merge(chunk: tuple[int, int]) -> tuple[int, np.ndarray, Buffers, bool]:
+            start, count = chunk
+            slot = writer.slot()
+            out = kernels.Raw(slot.raw(0, count * item), t.dtype)
+            with self._raw_chunk(t, entries, start, count) as (base, others):
+                call(base, others, stream.at(start, out))
+            return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
+
+        return self._in_order(merge, chunks)
 
     def _parts(self, t: OutputTensor, target: Target, entries: list[Entry | None] | None = None):
         """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
@@ -411,16 +491,7 @@ class Executor:
             r0, r1 = chunk
             self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
 
-        run = map if self._pool is None else self._pool.map  # the pruners finish side by side
-        while stream.needs_observe:
-            stream.phase = "observe"
-            for _ in self._in_order(observe, chunks):
-                pass
-            if stream.finish(run):
-                break
-        else:
-            stream.finish(run)
-        stream.phase = "apply"
+        self._observe(stream, observe, chunks)
         item = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
 
         def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object, bool]:
@@ -468,6 +539,11 @@ class Executor:
                     pass
                 elif (method := self._fused(t, entries)) is not None:
                     for offset, data, slot, checked in self._fused_parts(t, entries, method, writer):
+                        writer.put(t.name, offset, data, t.dtype, slot, checked)
+                elif (method := self._raw_streaming(t, entries)) is not None and (
+                    parts := self._raw_streamed(t, entries, method, writer)
+                ) is not None:
+                    for offset, data, slot, checked in parts:
                         writer.put(t.name, offset, data, t.dtype, slot, checked)
                 else:
                     self._enter_torch()

@@ -27,9 +27,9 @@ from mergesmith.rng import TensorRNG
 SMALL = 1 << 20
 
 
-def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
-    """The exact r-th smallest value (1-based) of a 1-D tensor, in O(n); NaN orders last, as in
-    `torch.kthvalue`.
+def kth_smallest(flat: torch.Tensor | np.ndarray, r: int) -> torch.Tensor | np.float32:
+    """The exact r-th smallest value (1-based) of a 1-D tensor (or float32 NumPy array), in O(n);
+    NaN orders last, as in `torch.kthvalue`.
 
     A fixed strided sample brackets the answer between two of its order statistics (lo, hi); one
     counting pass gives how many values lie below lo, the few in [lo, hi] are gathered and the answer
@@ -38,8 +38,10 @@ def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
     pass is `kernels.bracket` and NumPy's partition selects (`kthvalue` costs ~16 ns per value here,
     a partition ~8, the bracket 0.2); elsewhere torch does both.
     """
+    if isinstance(flat, np.ndarray):
+        return _kth_smallest_cpu(flat, r)
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
-        return _kth_smallest_cpu(flat.contiguous().numpy(), r)
+        return torch.tensor(_kth_smallest_cpu(flat.contiguous().numpy(), r))
     n = flat.numel()
     if n <= SMALL:
         return torch.kthvalue(flat, r).values
@@ -65,7 +67,7 @@ def kth_smallest(flat: torch.Tensor, r: int) -> torch.Tensor:
     return torch.kthvalue(flat, r).values
 
 
-def _kth_smallest_cpu(v: np.ndarray, r: int) -> torch.Tensor:
+def _kth_smallest_cpu(v: np.ndarray, r: int) -> np.float32:
     n = v.size
     if n > 1 << 16 and not np.isnan(v).any():  # the bracket counts NaN below lo: only NaN-free values
         sample = v[:: n // 4096]
@@ -77,7 +79,7 @@ def _kth_smallest_cpu(v: np.ndarray, r: int) -> torch.Tensor:
             below, inside = kernels.bracket(v, float(part[lo_i]), float(part[hi_i]))
             if below < r <= below + inside.size:
                 v, r = inside, r - below
-    return torch.tensor(np.partition(v, r - 1)[r - 1])
+    return np.partition(v, r - 1)[r - 1]
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,6 +150,17 @@ class Pruner:
     def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         return delta
 
+    # The raw lane (`task_vectors`, on the files' values with the compiled kernels): pruners that can
+    # run there (`fusable`) observe chunks of raw inputs and give the merging kernel a `kernels.Rule`.
+    fusable = False
+
+    def observe_raw(self, x: kernels.Raw, base: kernels.Raw, cols: int, start: int) -> None:
+        """`observe` for the chunk of delta x - base (rows of `cols` values) at flat element `start`."""
+
+    def rule(self, start: int, weight: float) -> kernels.Rule:
+        """How the merging kernel prunes the chunk at flat element `start` (then weighs it by `weight`)."""
+        return kernels.Rule(mode=kernels.Rule.KEEP, weight=weight)
+
 
 class _TopK:
     """Exact selection of the `k` largest of `numel` magnitudes, streamed: ties to the lowest index.
@@ -180,15 +193,17 @@ class _TopK:
     def _reset(self) -> None:
         self.observed: dict[int, tuple[int, torch.Tensor]] = {}  # chunk start -> (below lo, candidates)
 
-    def sample(self, magnitudes: torch.Tensor) -> None:
+    def sample(self, magnitudes: torch.Tensor | np.ndarray) -> None:
         flat = magnitudes.reshape(-1)
-        m = flat.numel()
+        m = flat.size if isinstance(flat, np.ndarray) else flat.numel()
         q = self.r / self.n * m
         slack = 4.0 * m**0.5 + 2
         lo_i, hi_i = int(q - slack), int(q + slack)
         picks = [i for i in (lo_i, hi_i) if 0 <= i < m]
-        if flat.device.type == "cpu" and picks:  # two order statistics: a partition, not a sort (0.8 vs 5.5 ms)
-            ordered = np.partition(flat.contiguous().numpy(), picks)
+        if not isinstance(flat, np.ndarray) and flat.device.type == "cpu":
+            flat = flat.contiguous().numpy()
+        if isinstance(flat, np.ndarray):  # two order statistics: a partition, not a sort (0.8 vs 5.5 ms)
+            ordered = np.partition(flat, picks) if picks else flat
         else:
             ordered = torch.sort(flat).values
         self.lo = float(ordered[lo_i]) if lo_i >= 0 else None
@@ -197,8 +212,7 @@ class _TopK:
     def observe(self, a: torch.Tensor, start: int) -> None:
         a = a.reshape(-1)
         if a.device.type == "cpu" and self.lo is not None and a.dtype == torch.float32:  # one fused pass
-            below, inside = kernels.bracket(a.contiguous().numpy(), self.lo, self.hi)
-            self.observed[start] = (below, torch.from_numpy(inside))
+            self.observed[start] = kernels.bracket(a.contiguous().numpy(), self.lo, self.hi)
             return
         below = int(torch.count_nonzero(a < self.lo)) if self.lo is not None else 0
         if self.lo is not None and self.hi is not None:
@@ -215,8 +229,13 @@ class _TopK:
         starts = sorted(self.observed)
         below = sum(self.observed[s][0] for s in starts)
         chunks = [self.observed[s][1] for s in starts]
-        values = torch.cat(chunks) if chunks else torch.empty(0)
-        if not below < self.r <= below + values.numel():  # unlucky sample: open that side
+        if all(isinstance(c, np.ndarray) or c.device.type == "cpu" for c in chunks):  # on NumPy
+            chunks = [c if isinstance(c, np.ndarray) else c.numpy() for c in chunks]
+            values = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float32)
+            count = np.count_nonzero
+        else:
+            values, count = torch.cat(chunks), torch.count_nonzero
+        if not below < self.r <= below + len(values):  # unlucky sample: open that side
             if self.r <= below:
                 self.lo, self.hi = None, self.lo
             else:
@@ -225,10 +244,10 @@ class _TopK:
             return False
         t = kth_smallest(values, self.r - below)
         self.threshold = float(t)
-        above = self.n - below - int(torch.count_nonzero(values <= t))
+        above = self.n - below - int(count(values <= t))
         self.missing = left = self.k - above
         for s, c in zip(starts, chunks, strict=True):  # every value equal to t is a candidate
-            self.equal_counts[s] = int(torch.count_nonzero(c == t))
+            self.equal_counts[s] = int(count(c == t))
             self.missing_before[s] = max(left, 0)
             left -= self.equal_counts[s]
         self._reset()
@@ -256,22 +275,31 @@ class _TopK:
                 keep.reshape(-1)[first] = True
         return keep
 
-    def keep_top(self, d: torch.Tensor, start: int) -> torch.Tensor:
-        """Zero, in place, the elements of chunk `d` (at flat offset `start`) not among the top k.
-
-        One `hardshrink` pass (keeps |d| > lambda) instead of a boolean mask and a mixed-dtype
-        product: lambda is t, or the float just below t where the chunk keeps every value equal to
-        t; only the one chunk where the values equal to t run out takes the mask."""
+    def rule(self, start: int) -> tuple[int, float, int]:
+        """How the chunk at flat offset `start` keeps its top values: (`kernels.Rule` mode, threshold,
+        budget). One `hardshrink` (SHRINK: keeps |d| > lambda) where it can: lambda is t, or the float
+        just below t where the chunk keeps every value equal to t; only the one chunk where the values
+        equal to t run out needs their budget (BUDGET: the mask)."""
         if self.k <= 0:
-            return d.mul_(0.0)
+            return kernels.Rule.ZERO, 0.0, 0
         if self.k >= self.n:
-            return d
+            return kernels.Rule.KEEP, 0.0, 0
         missing, equal = self.missing_before.get(start, 0), self.equal_counts.get(start, 0)
         if missing <= 0 or equal == 0:
-            return torch.hardshrink(d, self.threshold, out=d)
+            return kernels.Rule.SHRINK, self.threshold, 0
         if equal <= missing:
-            below_t = float(np.nextafter(np.float32(self.threshold), np.float32(-np.inf)))
-            return torch.hardshrink(d, below_t, out=d)
+            return kernels.Rule.SHRINK, float(np.nextafter(np.float32(self.threshold), np.float32(-np.inf))), 0
+        return kernels.Rule.BUDGET, self.threshold, missing
+
+    def keep_top(self, d: torch.Tensor, start: int) -> torch.Tensor:
+        """Zero, in place, the elements of chunk `d` (at flat offset `start`) not among the top k (`rule`)."""
+        mode, t, _ = self.rule(start)
+        if mode == kernels.Rule.ZERO:
+            return d.mul_(0.0)
+        if mode == kernels.Rule.KEEP:
+            return d
+        if mode == kernels.Rule.SHRINK:
+            return torch.hardshrink(d, t, out=d)
         return multiply_mask(d, self.mask(d.abs(), start))
 
 
@@ -281,15 +309,26 @@ class Magnitude(Pruner):
     def __init__(self, density: float, rescale: bool = False) -> None:
         self.density, self.rescale = density, rescale
         self.streams = not (rescale and density < 1)  # the kept L1 needs the threshold first: whole only
+        self.fusable = self.streams
 
     def setup(self, numel: int) -> None:
         super().setup(numel)
         self.top = _TopK(int(self.density * numel), numel)
         self.needs_observe = self.density < 1 and not self.top.trivial
 
-    def sample(self, values: torch.Tensor) -> None:
+    def sample(self, values: torch.Tensor | np.ndarray) -> None:
         if self.needs_observe:
-            self.top.sample(values.abs())
+            self.top.sample(np.abs(values) if isinstance(values, np.ndarray) else values.abs())
+
+    def observe_raw(self, x: kernels.Raw, base: kernels.Raw, cols: int, start: int) -> None:
+        if self.needs_observe:
+            self.top.observed[start] = kernels.delta_bracket(x, base, self.top.lo, self.top.hi)
+
+    def rule(self, start: int, weight: float) -> kernels.Rule:
+        if self.density >= 1:
+            return super().rule(start, weight)
+        mode, t, budget = self.top.rule(start)
+        return kernels.Rule(mode=mode, t=t, budget=budget, weight=weight)
 
     def observe(self, delta: torch.Tensor, start: int) -> None:
         if self.needs_observe:
@@ -385,6 +424,25 @@ class Random(Pruner):
         self.l1 = [math.fsum(self.row_sums[0]), math.fsum(self.row_sums[1])]
         return True
 
+    fusable = True
+
+    def observe_raw(self, x: kernels.Raw, base: kernels.Raw, cols: int, start: int) -> None:
+        if self.needs_observe:
+            cut = self.rng.word_cut(self.density)
+            before, after = kernels.delta_keep_l1(x, base, cols, self.rng.stream_key(self.stream), start, cut)
+            self.row_sums[0].extend(before.tolist())
+            self.row_sums[1].extend(after.tolist())
+
+    def rule(self, start: int, weight: float) -> kernels.Rule:
+        if self.density >= 1:
+            return super().rule(start, weight)
+        cut, key = self.rng.word_cut(self.density), self.rng.stream_key(self.stream)
+        rescale = self.rescale and self.l1[0] >= 1e-7 and self.l1[1] >= 1e-7  # as `_rescale`
+        ratio = self.l1[0] / self.l1[1] if rescale else 1.0
+        return kernels.Rule(
+            mode=kernels.Rule.DROP, key=key, start=start, cut=cut, rescale=rescale, ratio=ratio, weight=weight
+        )
+
     def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         if self.density >= 1:
             return delta
@@ -399,6 +457,8 @@ class MagPrune(Random):
     A row of one element keeps probability `density` (mergekit divides by zero there). The masks
     (ranks cost a sort) are kept from the observe pass for `apply`, one bit per element.
     """
+
+    fusable = False  # the keep probabilities come from the row ranks: torch only
 
     def __init__(self, density: float, epsilon: float, rng: TensorRNG, stream: int, rescale: bool = False) -> None:
         super().__init__(density, rng, stream, rescale)

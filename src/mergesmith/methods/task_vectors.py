@@ -7,6 +7,11 @@ and a consensus switch; new sparsifiers plug in as a `Pruner` made for input ind
 The engine may stream a tensor in row chunks (`Streaming`): a pass that only feeds the pruners
 (`observe`: thresholds, L1 norms), then a pass that merges chunk by chunk (`apply`). Everything
 after the pruners is element-wise, so each chunk merges alone.
+
+On the CPU the engine may give the inputs as raw values of the files (`kernels.Raw`, the raw lane):
+then the compiled kernels form the deltas on the fly and the merging pass writes `Streaming.out` in
+the output's dtype, with the same float32 operations as the torch pipeline, bit for bit. Pruners
+that cannot run there (`Pruner.fusable`) make `Streaming.fusable` False after the sample phase.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ class Streaming:
     """A tensor of `numel` values merged in row chunks: which phase and which chunk this call is.
 
     phase "sample": the inputs are the fixed samples (`sparsify.sample_blocks`) of the whole inputs; "observe": chunk at flat offset `start`, fed to the pruners only (no result);
-    "apply": merge the chunk. `finish()` between the passes (False: observe once more)."""
+    "apply": merge the chunk. `finish()` between the passes (False: observe once more).
+    The raw lane also says the values per row (`cols`) and where "apply" writes (`out`)."""
 
     numel: int
     phase: str = "sample"
@@ -34,6 +40,9 @@ class Streaming:
     pruners: dict[int, Pruner] = field(default_factory=dict)
     needs_observe: bool = False
     streams: bool = True  # False once a pruner turns out to need whole tensors
+    fusable: bool = True  # False once a pruner turns out not to run on raw values
+    cols: int = 0
+    out: kernels.Raw | None = None
 
     def pruner(self, i: int, make: PrunerFor) -> Pruner:
         if i not in self.pruners:
@@ -42,16 +51,17 @@ class Streaming:
             self.pruners[i] = p
             self.needs_observe |= p.needs_observe
             self.streams &= p.streams
+            self.fusable &= p.fusable
         return self.pruners[i]
 
     def finish(self, run: Callable = map) -> bool:
         """Every pruner's `finish` (through `run`, a `map`: the engine's runs them on its workers)."""
         return all(list(run(lambda p: p.finish(), self.pruners.values())))
 
-    def at(self, start: int) -> Streaming:
+    def at(self, start: int, out: kernels.Raw | None = None) -> Streaming:
         """This stream at the chunk starting at flat element `start` (same pruners): chunks may be
-        merged concurrently, each with its own view."""
-        return replace(self, start=start)
+        merged concurrently, each with its own view (and, in the raw lane, its own `out`)."""
+        return replace(self, start=start, out=out)
 
 
 def _fused(deltas: Sequence[torch.Tensor]) -> bool:
@@ -80,7 +90,11 @@ def merge_task_vectors(
     lambda_: float,
     stream: Streaming | None = None,
 ) -> torch.Tensor | None:
-    """The merged tensor (or chunk); None in the streaming phases that only feed the pruners."""
+    """The merged tensor (or chunk); None in the streaming phases that only feed the pruners, and for
+    raw inputs (written to `stream.out`)."""
+    if isinstance(base, kernels.Raw):
+        assert stream is not None
+        return _merge_raw(xs, base, weights, prune, consensus, normalize, lambda_, stream)
     if stream is not None and stream.phase != "apply":
         for i, x in enumerate(xs):
             d = x.sub_(base)
@@ -130,3 +144,44 @@ def merge_task_vectors(
     if normalize:
         combined.div_(divisor)
     return base.add_(combined, alpha=lambda_)
+
+
+def _merge_raw(
+    xs: list[kernels.Raw],
+    base: kernels.Raw,
+    weights: Sequence[float],
+    prune: PrunerFor | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    stream: Streaming,
+) -> None:
+    """`merge_task_vectors` on raw values: the pruners observe through the kernels, and the merging
+    pass is one `kernels.task_merge` call with each pruner's rule for the chunk."""
+    pruners = [stream.pruner(i, prune) if prune is not None else Pruner() for i in range(len(xs))]
+    if not stream.fusable:  # the engine goes back to the torch pipeline
+        return None
+    if stream.phase == "sample":
+        for p, x in zip(pruners, xs, strict=True):
+            if prune is not None:
+                p.sample(kernels.delta(x, base))
+        return None
+    if stream.phase == "observe":
+        for p, x in zip(pruners, xs, strict=True):
+            p.observe_raw(x, base, stream.cols, stream.start)
+        return None
+    assert stream.out is not None
+    rules = [p.rule(stream.start, w) for p, w in zip(pruners, weights, strict=True)]
+    z = float(sum(weights))
+    kernels.task_merge(
+        stream.out,
+        xs,
+        base,
+        rules,
+        consensus=consensus,
+        normalize=normalize,
+        floor=min(weights) / 2 if min(weights) > 0 else 0.0,
+        divisor=1.0 if abs(z) < 1e-8 else z,
+        lambda_=lambda_,
+    )
+    return None
