@@ -114,16 +114,34 @@ def test_compiled_ties_merge_equals_the_torch_operations(monkeypatch, normalize,
     assert torch.equal(torch.nan_to_num(fused), torch.nan_to_num(reference))
 
 
-@pytest.mark.parametrize("hi", [0.8, None])
-def test_bracket_counts_and_gathers_as_numpy(hi):
+def expected_bracket(a: np.ndarray, lo: float | None, hi: float | None) -> tuple[int, int, list, int]:
+    """(below lo or NaN, equal to lo, strictly between in order, equal to hi and not lo); no lo:
+    nothing below or at it; no hi: no upper bound."""
+    below = 0 if lo is None else int(np.count_nonzero(~(a >= np.float32(lo))))
+    at_lo = np.zeros(a.shape, bool) if lo is None else a == np.float32(lo)
+    at_hi = np.zeros(a.shape, bool) if hi is None else (a == np.float32(hi)) & ~at_lo
+    inside = np.ones(a.shape, bool) if lo is None else a > np.float32(lo)
+    if hi is not None:
+        inside &= a < np.float32(hi)
+    return below, int(at_lo.sum()), a[inside].tolist(), int(at_hi.sum())
+
+
+def as_tuple(b: kernels.Bracket) -> tuple[int, int, list, int]:
+    return b.below, b.at_lo, b.inside.tolist(), b.at_hi
+
+
+@pytest.mark.parametrize("lo,hi", [(0.7, 0.8), (0.7, None), (0.75, 0.75), (0.5, 1.25)])
+def test_bracket_counts_and_gathers_as_numpy(lo, hi):
+    """Below lo (NaN there), at lo and at hi counted, strictly between gathered in order."""
     gen = np.random.default_rng(5)
     a = np.abs(gen.standard_normal(100_003)).astype(np.float32)
-    a[[3, 77, 99_999]] = np.nan  # counted below lo, never gathered
-    below, inside = kernels.bracket(a, 0.7, hi)
-    assert below == int(np.count_nonzero(~(a >= 0.7)))
-    expected = a[(a >= 0.7) & (a <= (np.inf if hi is None else hi))]
-    assert np.array_equal(inside, expected)
-    assert (below, inside.tolist()) == (lambda r: (r[0], r[1].tolist()))(kernels.numpy_bracket(a, 0.7, hi))
+    a[:40_000] = np.round(a[:40_000] * 4) / 4  # discrete: thousands equal to 0.5, 0.75, 1.25
+    a[[3, 77, 99_999]] = np.nan
+    expected = expected_bracket(a, lo, hi)
+    if lo * 4 == int(lo * 4):  # lo on the grid: thousands at lo (and at hi, unless it is lo)
+        assert expected[1] > 1000 and (hi == lo or expected[3] > 1000)
+    assert as_tuple(kernels.bracket(a, lo, hi)) == expected
+    assert as_tuple(kernels.numpy_bracket(a, lo, hi)) == expected
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
@@ -244,23 +262,18 @@ def test_delta_bracket_and_l1_kernels_equal_the_float32_passes():
     DARE's row L1 norms before and after the drop, against the torch/NumPy passes on the delta."""
     g = torch.Generator().manual_seed(11)
     x, b = torch.randn(37, 101, generator=g), torch.randn(37, 101, generator=g)
-    x[3, :20] = b[3, :20] + 0.5  # equal magnitudes
+    b[:20] = torch.round(b[:20].clamp(-3.9, 3.9) * 16) / 16  # deltas of k/4 exactly (bf16 holds both)
+    x[:20] = b[:20] + torch.randint(-2, 3, (20, 101), generator=g).float() / 4
     xb, bb = x.to(torch.bfloat16), b
     d = xb.float() - bb  # x read as bfloat16, b as float32
     a = d.abs().reshape(-1).numpy()
     raw_x = kernels.Raw(xb.view(torch.uint8).numpy(), "bfloat16")
     raw_b = kernels.Raw(bb.view(torch.uint8).numpy(), "float32")
-    for lo, hi in [(0.5, 0.9), (0.5, None), (None, 0.7), (None, None)]:
-        below, inside = kernels.delta_bracket(raw_x, raw_b, lo, hi)
-        keep = np.ones(a.size, bool) if lo is None else a >= np.float32(lo)
-        if hi is not None:
-            keep &= a <= np.float32(hi)
-        assert below == (0 if lo is None else int((a < np.float32(lo)).sum()))
-        assert np.array_equal(inside, a[keep])
+    for lo, hi in [(0.25, 0.5), (0.3, 0.9), (0.5, None), (None, 0.5), (None, None)]:
+        assert as_tuple(kernels.delta_bracket(raw_x, raw_b, lo, hi)) == expected_bracket(a, lo, hi)
+    assert kernels.delta_bracket(raw_x, raw_b, 0.25, 0.5).at_hi > 200
     via = kernels.Raw(x.view(torch.uint8).numpy(), "float32", "bfloat16")  # float32 rounded through bf16
-    assert np.array_equal(
-        kernels.delta_bracket(via, raw_b, 0.5, 0.9)[1], kernels.delta_bracket(raw_x, raw_b, 0.5, 0.9)[1]
-    )
+    assert as_tuple(kernels.delta_bracket(via, raw_b, 0.3, 0.9)) == expected_bracket(a, 0.3, 0.9)
     rows = d.clone()
     expected = kernels.keep_apply_l1(rows.numpy(), 77, 1000, TensorRNG.word_cut(0.4))
     got = kernels.delta_keep_l1(raw_x, raw_b, 101, 77, 1000, TensorRNG.word_cut(0.4))

@@ -140,21 +140,28 @@ MS_CLONES void ms_ties_combine(float *const *d, int32_t m, const float *w, int32
     }
 }
 
-/* A threshold's bracket over magnitudes a (TIES' exact top-k, streamed): *below = how many are not
- * >= lo (NaN counts there), the values in [lo, hi] are copied to out in order; returns their count.
- * Few values fall in the bracket (~3%): compare 16 at a time, then pick the set bits of the mask. */
+/* A threshold's bracket over magnitudes a (TIES' exact top-k, streamed): counts[0] += how many are
+ * not >= lo (NaN counts there), counts[1] += how many equal lo, counts[2] += how many equal hi (and not
+ * lo; `hi` NaN: none); the values strictly between lo and hi are copied to out in order; returns their
+ * count. Model deltas are discrete: many magnitudes equal lo or hi, and are only counted. Few values
+ * fall strictly inside (~3% or less): compare 16 at a time, then pick the set bits of the mask. */
 /* Values i0 .. n, one at a time: branch-free (about half the values are below lo, at random). */
 static inline int64_t ms_bracket_tail(const float *a, int64_t i0, int64_t n, float lo, float hi, float *out,
-                                      int64_t k, int64_t *below) {
-    int64_t b = 0;
+                                      int64_t k, int64_t *counts) {
+    int64_t b = 0, at_lo = 0, at_hi = 0;
+    float top = hi != hi ? INFINITY : hi;
     for (int64_t i = i0; i < n; i++) {
         float v = a[i];
-        int in_lo = v >= lo;
+        int in_lo = v >= lo, eq_lo = v == lo, eq_hi = (v == hi) & !eq_lo;
         b += !in_lo;
+        at_lo += eq_lo;
+        at_hi += eq_hi;
         out[k] = v;
-        k += in_lo & (v <= hi);
+        k += in_lo & (v <= top) & !eq_lo & !eq_hi;
     }
-    *below += b;
+    counts[0] += b;
+    counts[1] += at_lo;
+    counts[2] += at_hi;
     return k;
 }
 
@@ -162,30 +169,35 @@ static inline int64_t ms_bracket_tail(const float *a, int64_t i0, int64_t n, flo
 #include <immintrin.h>
 #define MS_HAVE_AVX512 1
 __attribute__((target("avx512f"))) static int64_t ms_bracket_avx512(const float *a, int64_t n, float lo, float hi,
-                                                                    float *out, int64_t *below) {
-    int64_t b = 0, k = 0, i = 0;
-    __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+                                                                    float *out, int64_t *counts) {
+    int64_t b = 0, at_lo = 0, at_hi = 0, k = 0, i = 0;
+    __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vtop = _mm512_set1_ps(hi != hi ? INFINITY : hi);
     for (; i + 16 <= n; i += 16) {
         __m512 v = _mm512_loadu_ps(a + i);
         unsigned ge = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ);
-        unsigned in = ge & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
+        unsigned eq_lo = _mm512_cmp_ps_mask(v, vlo, _CMP_EQ_OQ);
+        unsigned eq_hi = _mm512_cmp_ps_mask(v, vhi, _CMP_EQ_OQ) & ~eq_lo;
+        unsigned in = ge & _mm512_cmp_ps_mask(v, vtop, _CMP_LE_OQ) & ~eq_lo & ~eq_hi;
         b += 16 - __builtin_popcount(ge);
+        at_lo += __builtin_popcount(eq_lo);
+        at_hi += __builtin_popcount(eq_hi);
         while (in) {
             out[k++] = a[i + __builtin_ctz(in)];
             in &= in - 1;
         }
     }
-    *below = b;
-    return ms_bracket_tail(a, i, n, lo, hi, out, k, below);
+    counts[0] += b;
+    counts[1] += at_lo;
+    counts[2] += at_hi;
+    return ms_bracket_tail(a, i, n, lo, hi, out, k, counts);
 }
 #endif
 
-int64_t ms_bracket(const float *a, int64_t n, float lo, float hi, float *out, int64_t *below) {
+int64_t ms_bracket(const float *a, int64_t n, float lo, float hi, float *out, int64_t *counts) {
 #ifdef MS_HAVE_AVX512
-    if (__builtin_cpu_supports("avx512f")) return ms_bracket_avx512(a, n, lo, hi, out, below);
+    if (__builtin_cpu_supports("avx512f")) return ms_bracket_avx512(a, n, lo, hi, out, counts);
 #endif
-    *below = 0;
-    return ms_bracket_tail(a, 0, n, lo, hi, out, 0, below);
+    return ms_bracket_tail(a, 0, n, lo, hi, out, 0, counts);
 }
 
 /* Raw values of the three float formats of model files, as float32 and back. `kind`: 0 float32,
@@ -291,31 +303,32 @@ static inline void ms_delta(const void *x, int32_t kind, int32_t via, const floa
     for (int64_t k = 0; k < len; k++) d[k] = d[k] - b[k];
 }
 
-/* The magnitudes' bracket (`ms_bracket`) of d = x - b: *below counts |d| not >= lo (NaN there), the
- * |d| in [lo, hi] go to out in order; returns their count. Without lo (`has_lo` 0) nothing is below
- * and every |d| <= hi is a candidate (every |d|, NaN included, without hi either). */
+/* The magnitudes' bracket (`ms_bracket`, `counts` as there, set here) of d = x - b, without storing
+ * them. Without lo (`has_lo` 0) nothing is below or at lo, the |d| equal to hi are counted and those
+ * under hi gathered (every |d|, NaN included, without hi either). `hi` NaN: no upper bound. */
 MS_CLONES int64_t ms_delta_bracket(const void *x, int32_t xk, int32_t xv, const void *b, int32_t bk, int32_t bv,
-                                   int64_t n, int32_t has_lo, float lo, int32_t has_hi, float hi, float *out,
-                                   int64_t *below) {
+                                   int64_t n, int32_t has_lo, float lo, float hi, float *out, int64_t *counts) {
     float bb[MS_BLOCK], a[MS_BLOCK];
-    int64_t k = 0, under = 0;
+    int64_t k = 0;
+    counts[0] = counts[1] = counts[2] = 0;
     for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
         int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
         ms_load(b, bk, bv, i0, len, bb);
         ms_delta(x, xk, xv, bb, i0, len, a);
         for (int64_t j = 0; j < len; j++) a[j] = fabsf(a[j]);
         if (has_lo) {
-            int64_t block_below;
-            k += ms_bracket(a, len, lo, has_hi ? hi : INFINITY, out + k, &block_below);
-            under += block_below;
+            k += ms_bracket(a, len, lo, hi, out + k, counts);
+        } else if (hi != hi) {
+            memcpy(out + k, a, (size_t)len * sizeof(float));
+            k += len;
         } else {
             for (int64_t j = 0; j < len; j++) {
+                counts[2] += a[j] == hi;
                 out[k] = a[j];
-                k += !has_hi || a[j] <= hi;
+                k += a[j] < hi;
             }
         }
     }
-    *below = under;
     return k;
 }
 

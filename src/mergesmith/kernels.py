@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,8 +54,7 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_nonfinite.argtypes = [ptr, i32, i64]
     lib.ms_nonfinite.restype = i64
     lib.ms_has_f16.restype = i32
-    lib.ms_delta_bracket.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i32, ctypes.c_float, i32, ctypes.c_float]
-    lib.ms_delta_bracket.argtypes += [ptr, ptr]
+    lib.ms_delta_bracket.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i32, ctypes.c_float, ctypes.c_float, ptr, ptr]
     lib.ms_delta_bracket.restype = i64
     lib.ms_delta_keep_l1.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i64, u64, u64, u64, ptr, ptr]
     lib.ms_delta_keep_l1.restype = None
@@ -136,26 +136,44 @@ def uniform(key: int, start: int, count: int) -> np.ndarray:
     return out
 
 
-def bracket(a: np.ndarray, lo: float, hi: float | None) -> tuple[int, np.ndarray]:
-    """For magnitudes `a` (contiguous float32): how many are not >= lo (NaN among them), and the
-    values in [lo, hi] in order (hi None: no upper bound)."""
+class Bracket(NamedTuple):
+    """Values against a bracket [lo, hi]: counted below and at its ends, gathered strictly inside.
+    Model deltas are discrete: many of them equal lo or hi, and are only counted."""
+
+    below: int  # not >= lo (NaN among them)
+    at_lo: int  # equal to lo
+    inside: np.ndarray  # strictly between lo and hi (above lo without hi), in order
+    at_hi: int  # equal to hi, and not to lo
+
+    @property
+    def total(self) -> int:
+        return self.below + self.at_lo + len(self.inside) + self.at_hi
+
+
+def _counts() -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(0, 0, 0)
+
+
+def bracket(a: np.ndarray, lo: float, hi: float | None) -> Bracket:
+    """The `Bracket` of magnitudes `a` (contiguous float32); hi None: no upper bound."""
     flat = a.reshape(-1)
     assert flat.dtype == np.float32 and flat.flags.c_contiguous
     if _LIB is None:
         return numpy_bracket(flat, lo, hi)
     out = np.empty(flat.size, dtype=np.float32)
-    below = ctypes.c_int64()
-    top = np.inf if hi is None else hi
-    k = _LIB.ms_bracket(flat.ctypes.data, flat.size, lo, top, out.ctypes.data, ctypes.byref(below))
-    return below.value, out[:k].copy()
+    counts = _counts()
+    k = _LIB.ms_bracket(flat.ctypes.data, flat.size, lo, np.nan if hi is None else hi, out.ctypes.data, counts)
+    return Bracket(counts[0], counts[1], out[:k].copy(), counts[2])
 
 
-def numpy_bracket(a: np.ndarray, lo: float, hi: float | None) -> tuple[int, np.ndarray]:
-    inside = a >= np.float32(lo)
-    below = a.size - int(np.count_nonzero(inside))
+def numpy_bracket(a: np.ndarray, lo: float, hi: float | None) -> Bracket:
+    ge = a >= np.float32(lo)
+    at_lo = a == np.float32(lo)
+    at_hi = (a == np.float32(hi)) & ~at_lo if hi is not None else np.zeros(a.shape, dtype=bool)
+    inside = ge & ~at_lo & ~at_hi
     if hi is not None:
         inside &= a <= np.float32(hi)
-    return below, a[inside]
+    return Bracket(a.size - int(np.count_nonzero(ge)), int(np.count_nonzero(at_lo)), a[inside], int(at_hi.sum()))
 
 
 def row_l1(x: np.ndarray) -> np.ndarray:
@@ -288,18 +306,18 @@ def delta(x: Raw, base: Raw) -> np.ndarray:
     return out.data
 
 
-def delta_bracket(x: Raw, base: Raw, lo: float | None, hi: float | None) -> tuple[int, np.ndarray]:
+def delta_bracket(x: Raw, base: Raw, lo: float | None, hi: float | None) -> Bracket:
     """`bracket` of the magnitudes |x - base|, without storing them. Without `lo` nothing counts as
-    below and every magnitude up to `hi` (every one, NaN included, without `hi` either) is a candidate,
-    as `sparsify._TopK.observe` gathers them."""
+    below or at lo, those equal to `hi` are counted and those under it gathered (every one, NaN
+    included, without `hi` either), as `sparsify._TopK.observe` does."""
     assert _LIB is not None and x.count == base.count
     out = np.empty(x.count, dtype=np.float32)
-    below = ctypes.c_int64()
+    counts = _counts()
     k = _LIB.ms_delta_bracket(
-        *_raw_args(x), *_raw_args(base), x.count, lo is not None, lo or 0.0, hi is not None, hi or 0.0,
-        out.ctypes.data, ctypes.byref(below),
+        *_raw_args(x), *_raw_args(base), x.count, lo is not None, lo or 0.0, np.nan if hi is None else hi,
+        out.ctypes.data, counts,
     )  # fmt: skip
-    return below.value, out[:k].copy()
+    return Bracket(counts[0], counts[1], out[:k].copy(), counts[2])
 
 
 def delta_keep_l1(x: Raw, base: Raw, cols: int, key: int, start: int, cut: int) -> tuple[np.ndarray, np.ndarray]:

@@ -76,9 +76,15 @@ def _kth_smallest_cpu(v: np.ndarray, r: int) -> np.float32:
         lo_i, hi_i = int(q - slack), int(q + slack)
         if 0 <= lo_i and hi_i < m:
             part = np.partition(sample, [lo_i, hi_i])
-            below, inside = kernels.bracket(v, float(part[lo_i]), float(part[hi_i]))
-            if below < r <= below + inside.size:
-                v, r = inside, r - below
+            lo, hi = float(part[lo_i]), float(part[hi_i])
+            b = kernels.bracket(v, lo, hi)
+            if b.below < r <= b.total:
+                r -= b.below
+                if r <= b.at_lo:
+                    return np.float32(lo)
+                if r > b.at_lo + len(b.inside):
+                    return np.float32(hi)
+                v, r = b.inside, r - b.at_lo
     return np.partition(v, r - 1)[r - 1]
 
 
@@ -166,8 +172,9 @@ class _TopK:
     """Exact selection of the `k` largest of `numel` magnitudes, streamed: ties to the lowest index.
 
     A fixed strided sample of ~64K values brackets the threshold between two of its order statistics
-    (lo, hi); observing counts the values below lo and gathers the few in [lo, hi]; `kthvalue` on
-    those gives the exact threshold t. If the sample was unlucky the bracket opens up on the side
+    (lo, hi); observing counts the values below lo, equal to lo and equal to hi (model deltas are
+    discrete: often most of the bracket) and gathers the few strictly between (`kernels.Bracket`);
+    the counts, or `kthvalue` on those gathered, give the exact threshold t. If the sample was unlucky the bracket opens up on the side
     that missed and the values are observed again. Masks then keep |d| > t and the first `missing`
     values equal to t in flat order.
 
@@ -191,7 +198,7 @@ class _TopK:
         return self.k <= 0 or self.k >= self.n
 
     def _reset(self) -> None:
-        self.observed: dict[int, tuple[int, torch.Tensor]] = {}  # chunk start -> (below lo, candidates)
+        self.observed: dict[int, kernels.Bracket] = {}  # chunk start -> its values against [lo, hi]
 
     def sample(self, magnitudes: torch.Tensor | np.ndarray) -> None:
         flat = magnitudes.reshape(-1)
@@ -214,42 +221,49 @@ class _TopK:
         if a.device.type == "cpu" and self.lo is not None and a.dtype == torch.float32:  # one fused pass
             self.observed[start] = kernels.bracket(a.contiguous().numpy(), self.lo, self.hi)
             return
-        below = int(torch.count_nonzero(a < self.lo)) if self.lo is not None else 0
-        if self.lo is not None and self.hi is not None:
-            candidates = a[(a >= self.lo) & (a <= self.hi)]
-        elif self.lo is not None:
-            candidates = a[a >= self.lo]
-        elif self.hi is not None:
-            candidates = a[a <= self.hi]
-        else:
-            candidates = a.clone()
-        self.observed[start] = (below, candidates)
+        below = at_lo = at_hi = 0
+        keep = None
+        if self.lo is not None:
+            below, at_lo = int(torch.count_nonzero(a < self.lo)), int(torch.count_nonzero(a == self.lo))
+            keep = a > self.lo
+        if self.hi is not None:
+            at_hi = int(torch.count_nonzero((a == self.hi) & (a != self.lo if self.lo is not None else True)))
+            keep = a < self.hi if keep is None else keep & (a < self.hi)
+        self.observed[start] = kernels.Bracket(below, at_lo, a[keep] if keep is not None else a.clone(), at_hi)
 
     def finish(self) -> bool:
         starts = sorted(self.observed)
-        below = sum(self.observed[s][0] for s in starts)
-        chunks = [self.observed[s][1] for s in starts]
+        seen = [self.observed[s] for s in starts]
+        below, at_lo, at_hi = (sum(b[i] for b in seen) for i in (0, 1, 3))
+        chunks = [b.inside for b in seen]
         if all(isinstance(c, np.ndarray) or c.device.type == "cpu" for c in chunks):  # on NumPy
             chunks = [c if isinstance(c, np.ndarray) else c.numpy() for c in chunks]
             values = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float32)
             count = np.count_nonzero
         else:
             values, count = torch.cat(chunks), torch.count_nonzero
-        if not below < self.r <= below + len(values):  # unlucky sample: open that side
+        if not below < self.r <= below + at_lo + len(values) + at_hi:  # unlucky sample: open that side
             if self.r <= below:
                 self.lo, self.hi = None, self.lo
             else:
                 self.lo, self.hi = self.hi, None
             self._reset()
             return False
-        t = kth_smallest(values, self.r - below)
-        self.threshold = float(t)
-        above = self.n - below - int(count(values <= t))
-        self.missing = left = self.k - above
-        for s, c in zip(starts, chunks, strict=True):  # every value equal to t is a candidate
-            self.equal_counts[s] = int(count(c == t))
+        r = self.r - below  # among those at lo, strictly inside, at hi
+        if r <= at_lo:
+            t = self.lo
+        elif r <= at_lo + len(values):
+            t = float(kth_smallest(values, r - at_lo))
+        else:
+            t = self.hi
+        self.threshold = t
+        at_most_t = below + at_lo + int(count(values <= t)) + (at_hi if t == self.hi else 0)
+        self.missing = left = self.k - (self.n - at_most_t)
+        for s, b in zip(starts, seen, strict=True):  # every value equal to t is at lo, inside or at hi
+            equal = int(count(b.inside == t)) + (b.at_lo if t == self.lo else 0) + (b.at_hi if t == self.hi else 0)
+            self.equal_counts[s] = equal
             self.missing_before[s] = max(left, 0)
-            left -= self.equal_counts[s]
+            left -= equal
         self._reset()
         return True
 
