@@ -113,6 +113,15 @@ def test_shard_digests_while_writing_equal_the_files(tmp_path):
     assert all(got[f] == file_digest(tmp_path / f) for f in files)
 
 
+def _chunked(recipe: dict, monkeypatch) -> tuple:
+    """(plan, readers, whole-tensor results, an executor streaming a few rows per chunk)."""
+    plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
+    readers = {k: TensorReader(v) for k, v in infos.items()}
+    whole = {t.name: _whole(t, readers, 0) for t in plan.tensors}
+    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)
+    return plan, readers, whole, executor_module.Executor(plan, readers)
+
+
 def test_streamed_slerp_equals_whole_and_the_formula(models, monkeypatch):
     """slerp streamed in row chunks (norms and dot product observed first) equals slerp of the whole
     tensors bit for bit, and the spherical interpolation computed here in float64."""
@@ -122,12 +131,7 @@ def test_streamed_slerp_equals_whole_and_the_formula(models, monkeypatch):
         "models": [{"model": str(models["base"])}, {"model": str(models["ft1"])}],
         "parameters": {"t": [0.2, 0.7]},
     }
-    config = MergeConfig.model_validate(recipe)
-    plan, infos = prepare(config, MergeOptions())
-    readers = {k: TensorReader(v) for k, v in infos.items()}
-    whole = {t.name: _whole(t, readers, 0) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
-    ex = executor_module.Executor(plan, readers)
+    plan, readers, whole, ex = _chunked(recipe, monkeypatch)
     chunked = [t for t in plan.tensors if len(t.shape) >= 2]
     assert chunked
     for t in plan.tensors:
@@ -139,3 +143,34 @@ def test_streamed_slerp_equals_whole_and_the_formula(models, monkeypatch):
     theta = torch.acos(torch.dot(v0 / v0.norm(), v1 / v1.norm()))
     expected = (torch.sin((1 - s) * theta) * v0 + torch.sin(s * theta) * v1) / torch.sin(theta)
     assert torch.allclose(ex.compute(t).double().reshape(-1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_streamed_model_stock_equals_whole_and_the_formula(models, monkeypatch, filter_wise):
+    """model_stock streamed in row chunks (the task vectors' Gram matrix observed first, or per-row
+    cosines inside each chunk) equals model_stock of the whole tensors bit for bit, and the formula."""
+    recipe = {
+        "merge_method": "model_stock",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[k])} for k in ("ft1", "ft2", "ft3")],
+        "parameters": {"filter_wise": filter_wise},
+    }
+    plan, readers, whole, ex = _chunked(recipe, monkeypatch)
+    for t in plan.tensors:
+        assert torch.equal(ex.compute(t), whole[t.name]), t.name
+    t = next(t for t in plan.tensors if len(t.shape) >= 2)
+    b = readers[t.inputs[t.base].model].get(t.name).double()
+    ds = [readers[x.model].get(x.name).double() - b for x in t.others]
+    if filter_wise:  # one cosine per row
+        ds = [d.reshape(-1, t.shape[-1]) for d in ds]
+        cos = [torch.nn.functional.cosine_similarity(ds[i], ds[j], dim=1) for i, j in ((0, 1), (0, 2), (1, 2))]
+        c = (sum(cos) / 3).unsqueeze(1)
+    else:
+        flat = [d.reshape(-1) for d in ds]
+        c = (
+            sum(torch.dot(flat[i], flat[j]) / (flat[i].norm() * flat[j].norm()) for i, j in ((0, 1), (0, 2), (1, 2)))
+            / 3
+        )
+    ratio = 3 * c / (1 + 2 * c)
+    expected = b + (ratio * sum(ds) / 3).reshape(b.shape)
+    assert torch.allclose(ex.compute(t).double(), expected, rtol=1e-5, atol=1e-6)
