@@ -291,7 +291,8 @@ class Executor:
         return method if method.fused is not None and self._raw_ready(t, entries) else None
 
     def _raw_streaming(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
-        """The method of `t` when it is a task-vector method that may run in the raw lane."""
+        """The method of `t` when it streams and may run in the raw lane (whether it can, its stream's
+        state says after the sample phase: the task-vector methods' pruners mostly can)."""
         method = get_method(t.method)
         others = len(entries) - 1
         if not method.streams or t.base is None or not 0 < others <= kernels.MAX_INPUTS:

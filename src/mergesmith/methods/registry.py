@@ -14,6 +14,11 @@ A merge method is a plain function on float32 tensors::
   underscore is dropped from the recipe name (`lambda_` is the recipe's `lambda`).
 - A keyword-only parameter named `rng` receives a `TensorRNG` keyed by (seed, tensor name), for
   methods that draw random masks.
+- A keyword-only parameter named `stream` (`task_vectors.Streaming`) lets the engine run the method
+  in row chunks: a sample phase, observe passes that feed the stream's per-input state
+  (`Streaming.pruner`), then the merging chunks. On the CPU the engine first tries the sample phase
+  with the files' raw values (`kernels.Raw`): a method must register its state there before touching
+  the inputs, and state that cannot run on raw values (`fusable` False) sends the tensor to torch.
 
 The engine does loading, slicing, dtype, device and memory; a method only does the maths.
 """
