@@ -260,6 +260,21 @@ class Raw:
         return self.data.nbytes // DTYPE_BYTES[self.dtype]
 
 
+def _raw_args(x: Raw) -> tuple[int, int, int]:
+    """(address, kind, via kind or -1) of raw values, as the kernels take them."""
+    return x.data.ctypes.data, KINDS[x.dtype], KINDS[x.via] if x.via else -1
+
+
+def _raw_arrays(xs: list[Raw]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """`_raw_args` of several inputs, as the C arrays (addresses, kinds, via kinds) the kernels take."""
+    m = len(xs)
+    args = [_raw_args(x) for x in xs]
+    ptrs = (ctypes.c_void_p * m)(*[a[0] for a in args])
+    kinds = (ctypes.c_int32 * m)(*[a[1] for a in args])
+    vias = (ctypes.c_int32 * m)(*[a[2] for a in args])
+    return ptrs, kinds, vias
+
+
 def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None) -> None:
     """out = (x_0 w_0 + x_1 w_1 + ...) / divisor (no division when `divisor` is None), in float32
     with the operations of `methods.linear` in torch, bit for bit. Needs the compiled library, and
@@ -268,9 +283,7 @@ def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None)
     n = out.count
     assert all(x.count == n for x in xs)
     m = len(xs)
-    ptrs = (ctypes.c_void_p * m)(*[x.data.ctypes.data for x in xs])
-    kinds = (ctypes.c_int32 * m)(*[KINDS[x.dtype] for x in xs])
-    vias = (ctypes.c_int32 * m)(*[KINDS[x.via] if x.via else -1 for x in xs])
+    ptrs, kinds, vias = _raw_arrays(xs)
     w = np.asarray(weights, dtype=np.float32)
     norm = divisor is not None
     _LIB.ms_linear(
@@ -292,11 +305,6 @@ def numpy_nonfinite(raw: np.ndarray, dtype: str) -> int:
     bits, mask = _EXPONENT[dtype]
     values = raw.reshape(-1).view(np.uint8).view(bits)
     return int(np.count_nonzero((values & bits(mask)) == bits(mask)))
-
-
-def _raw_args(x: Raw) -> tuple[int, int, int]:
-    """(address, kind, via kind or -1) of raw values, as the kernels take them."""
-    return x.data.ctypes.data, KINDS[x.dtype], KINDS[x.via] if x.via else -1
 
 
 def delta(x: Raw, base: Raw) -> np.ndarray:
@@ -375,9 +383,7 @@ def task_merge(
     m = len(xs)
     assert _LIB is not None and 0 < m <= MAX_INPUTS and len(rules) == m
     assert all(x.count == out.count for x in (*xs, base))
-    ptrs = (ctypes.c_void_p * m)(*[x.data.ctypes.data for x in xs])
-    kinds = (ctypes.c_int32 * m)(*[KINDS[x.dtype] for x in xs])
-    vias = (ctypes.c_int32 * m)(*[KINDS[x.via] if x.via else -1 for x in xs])
+    ptrs, kinds, vias = _raw_arrays(xs)
     table = (Rule * m)(*rules)
     _LIB.ms_task_merge(
         out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, *_raw_args(base), table,

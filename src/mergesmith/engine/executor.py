@@ -222,9 +222,9 @@ class Executor:
 
     # -- the maths of one (chunk of a) tensor ------------------------------------------------
 
-    def _apply(self, t: OutputTensor, xs: list[torch.Tensor], stream: Streaming | None = None) -> torch.Tensor:
-        base = xs[t.base] if t.base is not None else None
-        others = [x for i, x in enumerate(xs) if i != t.base]
+    def _apply(self, t: OutputTensor, xs: list, stream: Streaming | None = None) -> torch.Tensor | None:
+        """`t`'s method on its inputs `xs` (float32 tensors, or `kernels.Raw` values in the raw lane)."""
+        base, others = _split(t, xs)
         method = get_method(t.method)
         rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
         return _reported(t, lambda: method(others, base, _params(t), rng=rng, stream=stream))
@@ -290,14 +290,16 @@ class Executor:
         method = get_method(t.method)
         return method if method.fused is not None and self._raw_ready(t, entries) else None
 
-    def _raw_streaming(self, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:
-        """The method of `t` when it streams and may run in the raw lane (whether it can, its stream's
-        state says after the sample phase: the task-vector methods' pruners mostly can)."""
-        method = get_method(t.method)
+    def _raw_streaming(self, t: OutputTensor, entries: list[Entry | None]) -> bool:
+        """Whether `t`'s method streams and may run in the raw lane (whether it can, its stream's state
+        says after the sample phase: the task-vector methods' pruners mostly can)."""
         others = len(entries) - 1
-        if not method.streams or t.base is None or not 0 < others <= kernels.MAX_INPUTS:
-            return None
-        return method if self._raw_ready(t, entries) else None
+        return (
+            get_method(t.method).streams
+            and t.base is not None
+            and 0 < others <= kernels.MAX_INPUTS
+            and self._raw_ready(t, entries)
+        )
 
     def _prefetch(self, entries: list[Entry | None]) -> None:
         """Ask the kernel to read these inputs (the next tensor's) into the page cache now, in the
@@ -331,17 +333,16 @@ class Executor:
         return self.dtype if self.dtype not in (None, dtype) else None
 
     @contextlib.contextmanager
-    def _raw_chunk(self, t: OutputTensor, entries: list[Entry], start: int, count: int):
-        """The inputs' values `start` .. `start + count` as (base or None, the others) `kernels.Raw`,
+    def _raw_chunk(self, entries: list[Entry], start: int, count: int):
+        """The inputs' values `start` .. `start + count` as `kernels.Raw`, in the order of `entries`,
         read from the files' maps: measured on medium linear, that costs 1-2 s less system time than
         `pread` copies (the torch path's loads). The pages are dropped again afterwards."""
         spans = [(e, start * DTYPE_BYTES[e.dtype], count * DTYPE_BYTES[e.dtype]) for e in entries]
         try:
-            xs = [
+            yield [
                 kernels.Raw(self.files.mapped(*span), e.dtype, self._via(e.dtype))
                 for span, e in zip(spans, entries, strict=True)
             ]
-            yield (xs[t.base] if t.base is not None else None), [x for i, x in enumerate(xs) if i != t.base]
         finally:
             for span in spans:
                 self.files.drop(*span)
@@ -357,7 +358,8 @@ class Executor:
             count = min(CHUNK_ELEMENTS, n - start)
             slot = writer.slot()
             out = kernels.Raw(slot.raw(0, count * item), t.dtype)
-            with self._raw_chunk(t, entries, start, count) as (base, others):
+            with self._raw_chunk(entries, start, count) as xs:
+                base, others = _split(t, xs)
                 _reported(t, lambda: method.call_fused(out, others, base, params))
             return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
 
@@ -377,7 +379,7 @@ class Executor:
             stream.finish(run)
         stream.phase = "apply"
 
-    def _raw_streamed(self, t: OutputTensor, entries: list[Entry], method: MergeMethod, writer: _Writer):
+    def _raw_streamed(self, t: OutputTensor, entries: list[Entry], writer: _Writer):
         """`_streamed` in the raw lane: the same passes (sample, observe, apply) over chunks of whole
         rows, the inputs given to the method as raw values. Runs the sample phase and returns the
         parts' iterator, or None (nothing written) when a pruner of `t` cannot run there."""
@@ -385,12 +387,6 @@ class Executor:
         rows, item = (t.shape[0] if len(t.shape) >= 2 else 1), DTYPE_BYTES[t.dtype]
         cols = n // rows if rows else 1
         stream = Streaming(n, cols=cols)
-        params = _params(t)
-        rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
-
-        def call(base: kernels.Raw, others: list[kernels.Raw], view: Streaming) -> None:
-            _reported(t, lambda: method(others, base, params, rng=rng, stream=view))
-
         samples = []
         for e in entries:  # the fixed sample, as one run of raw values per input
             parts = []
@@ -400,15 +396,15 @@ class Executor:
                 self.files.drop(*span)
             data = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
             samples.append(kernels.Raw(data, e.dtype, self._via(e.dtype)))
-        call(samples[t.base], [x for i, x in enumerate(samples) if i != t.base], stream)
+        self._apply(t, samples, stream)
         if not stream.fusable:
             return None
         step = max(1, CHUNK_ELEMENTS // max(cols, 1))
         chunks = [(r0 * cols, (min(rows, r0 + step) - r0) * cols) for r0 in range(0, rows, step)]
 
         def observe(chunk: tuple[int, int]) -> None:
-            with self._raw_chunk(t, entries, *chunk) as (base, others):
-                call(base, others, stream.at(chunk[0]))
+            with self._raw_chunk(entries, *chunk) as xs:
+                self._apply(t, xs, stream.at(chunk[0]))
 
         self._observe(stream, observe, chunks)
 
@@ -416,8 +412,8 @@ class Executor:
             start, count = chunk
             slot = writer.slot()
             out = kernels.Raw(slot.raw(0, count * item), t.dtype)
-            with self._raw_chunk(t, entries, start, count) as (base, others):
-                call(base, others, stream.at(start, out))
+            with self._raw_chunk(entries, start, count) as xs:
+                self._apply(t, xs, stream.at(start, out))
             return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
 
         return self._in_order(merge, chunks)
@@ -541,9 +537,7 @@ class Executor:
                 elif (method := self._fused(t, entries)) is not None:
                     for offset, data, slot, checked in self._fused_parts(t, entries, method, writer):
                         writer.put(t.name, offset, data, t.dtype, slot, checked)
-                elif (method := self._raw_streaming(t, entries)) is not None and (
-                    parts := self._raw_streamed(t, entries, method, writer)
-                ) is not None:
+                elif self._raw_streaming(t, entries) and (parts := self._raw_streamed(t, entries, writer)) is not None:
                     for offset, data, slot, checked in parts:
                         writer.put(t.name, offset, data, t.dtype, slot, checked)
                 else:
@@ -582,6 +576,11 @@ def _cpu_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _split(t: OutputTensor, xs: list) -> tuple:
+    """(the base's input or None, the others) of `t`'s inputs `xs`."""
+    return (xs[t.base] if t.base is not None else None), [x for i, x in enumerate(xs) if i != t.base]
 
 
 def _params(t: OutputTensor) -> dict:

@@ -8,53 +8,20 @@ import numpy as np
 
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.gram import Gram
 from mergesmith.methods.registry import merge_method
-from mergesmith.methods.sparsify import Pruner, rows_of
 from mergesmith.methods.task_vectors import Streaming
 
 
-class Gram(Pruner):
-    """The task vectors' norms and pairwise dot products over the whole tensor, observed chunk by chunk
-    (products exact in float64, NumPy's pairwise sum per row, row sums added with `math.fsum`: any
-    chunking of whole rows gives the whole tensor's values). The stream's state for input 0
-    (`Streaming.pruner`); with `filter_wise` each chunk's rows hold their own cosines, and nothing
-    needs observing."""
-
-    def __init__(self, observe: bool = True) -> None:
-        self.needs_observe = observe
-        self.rows: dict[int, np.ndarray] = {}  # chunk start -> (rows, n, n) row sums of d_i * d_j
-        self.gram: np.ndarray | None = None
-
-    def observe_deltas(self, deltas: list[torch.Tensor], start: int) -> None:
-        rows = [rows_of(d) for d in deltas]
-        if rows[0].device.type == "cpu":
-            r64 = [r.numpy().astype(np.float64) for r in rows]
-        else:
-            r64 = [r.double().cpu().numpy() for r in rows]
-        n = len(r64)
-        sums = np.zeros((len(r64[0]), n, n))
-        for i in range(n):
-            for j in range(i, n):
-                sums[:, i, j] = sums[:, j, i] = (r64[i] * r64[j]).sum(axis=1)
-        self.rows[start] = sums
-
-    def finish(self) -> bool:
-        if self.needs_observe:
-            whole = np.concatenate([self.rows[s] for s in sorted(self.rows)])
-            n = whole.shape[1]
-            self.gram = np.array([[math.fsum(whole[:, i, j].tolist()) for j in range(n)] for i in range(n)])
-            self.rows = {}
-        return True
-
-    def ratio(self) -> float:
-        """t = N c / (1 + (N-1) c), c the mean pairwise cosine (0 where the task vectors cancel)."""
-        assert self.gram is not None
-        n = len(self.gram)
-        norms = [math.sqrt(self.gram[i, i]) for i in range(n)]
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        c = sum(min(1.0, max(-1.0, self.gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i, j in pairs) / len(pairs)
-        denominator = 1 + (n - 1) * c
-        return 0.0 if denominator == 0 else n * c / denominator
+def _ratio(gram: np.ndarray) -> float:
+    """t = N c / (1 + (N-1) c), c the mean pairwise cosine of the task vectors whose Gram matrix is
+    `gram` (0 where they cancel)."""
+    n = len(gram)
+    norms = [math.sqrt(gram[i, i]) for i in range(n)]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    c = sum(min(1.0, max(-1.0, gram[i, j] / max(norms[i] * norms[j], 1e-6))) for i, j in pairs) / len(pairs)
+    denominator = 1 + (n - 1) * c
+    return 0.0 if denominator == 0 else n * c / denominator
 
 
 @merge_method(
@@ -77,22 +44,22 @@ def model_stock(
         raise MergeError(f"model_stock needs the base model and at least two other models, got {len(xs)} other")
     if filter_wise and stream is None:
         return _filter_wise(xs, base)
-    gram = Gram() if stream is None else stream.pruner(0, lambda i: Gram(observe=not filter_wise))
-    if stream is not None and stream.phase == "sample":  # `Gram` is not `fusable`: no raw values here
-        return None
+    if stream is not None:  # the state first, before touching the inputs: `Gram` is not `fusable`
+        gram = stream.pruner(0, lambda i: Gram(observe=not filter_wise))
+        if stream.phase == "sample":
+            return None
     if filter_wise:  # a chunk of whole rows
         return _filter_wise(xs, base)
     deltas = [x.sub_(base) for x in xs]
-    if stream is None or stream.phase == "observe":
-        gram.observe_deltas(deltas, 0 if stream is None else stream.start)
-        if stream is not None:
-            return None
-        gram.finish()
+    if stream is not None and stream.phase == "observe":
+        gram.observe_tensors(deltas, stream.start)
+        return None
+    ratio = _ratio(Gram.of(deltas) if stream is None else gram.gram)
     mean_delta = deltas[0]
     for d in deltas[1:]:
         mean_delta.add_(d)
     mean_delta.div_(len(deltas))
-    return base.addcmul_(mean_delta, torch.tensor(gram.ratio(), dtype=base.dtype, device=base.device))
+    return base.addcmul_(mean_delta, torch.tensor(ratio, dtype=base.dtype, device=base.device))
 
 
 def _filter_wise(xs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ def kth_smallest(flat: torch.Tensor | np.ndarray, r: int) -> torch.Tensor | np.f
     NaN orders last, as in `torch.kthvalue`.
 
     A fixed strided sample brackets the answer between two of its order statistics (lo, hi); one
-    counting pass gives how many values lie below lo, the few in [lo, hi] are gathered and the answer
-    is selected among those only. The result is checked to be bracketed; if the sample was unlucky
+    counting pass gives how many values lie below lo (on the CPU also how many equal lo or hi:
+    `kernels.Bracket`), the few inside are gathered and the answer is selected among those only. The result is checked to be bracketed; if the sample was unlucky
     (or values are NaN) it is selected among all the values. Deterministic. On the CPU (float32) the
     pass is `kernels.bracket` and NumPy's partition selects (`kthvalue` costs ~16 ns per value here,
     a partition ~8, the bracket 0.2); elsewhere torch does both.
@@ -174,8 +174,8 @@ class _TopK:
     A fixed strided sample of ~64K values brackets the threshold between two of its order statistics
     (lo, hi); observing counts the values below lo, equal to lo and equal to hi (model deltas are
     discrete: often most of the bracket) and gathers the few strictly between (`kernels.Bracket`);
-    the counts, or `kthvalue` on those gathered, give the exact threshold t. If the sample was unlucky the bracket opens up on the side
-    that missed and the values are observed again. Masks then keep |d| > t and the first `missing`
+    the counts, or `kthvalue` on those gathered, give the exact threshold t. If the sample was
+    unlucky the bracket opens up on the side that missed and the values are observed again. Masks then keep |d| > t and the first `missing`
     values equal to t in flat order.
 
     Chunks are keyed by their flat start, so they may be observed and applied in any order (and
@@ -451,10 +451,15 @@ class Random(Pruner):
         if self.density >= 1:
             return super().rule(start, weight)
         cut, key = self.rng.word_cut(self.density), self.rng.stream_key(self.stream)
-        rescale = self.rescale and self.l1[0] >= 1e-7 and self.l1[1] >= 1e-7  # as `_rescale`
-        ratio = self.l1[0] / self.l1[1] if rescale else 1.0
+        ratio = _rescale_ratio(*self.l1) if self.rescale else None
         return kernels.Rule(
-            mode=kernels.Rule.DROP, key=key, start=start, cut=cut, rescale=rescale, ratio=ratio, weight=weight
+            mode=kernels.Rule.DROP,
+            key=key,
+            start=start,
+            cut=cut,
+            rescale=ratio is not None,
+            ratio=ratio or 1.0,
+            weight=weight,
         )
 
     def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
@@ -544,10 +549,14 @@ def multiply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.mul_(mask)
 
 
+def _rescale_ratio(original_l1: float, kept_l1: float) -> float | None:
+    """The factor that restores the L1 norm after pruning; None (no rescale) where either is ~0."""
+    return original_l1 / kept_l1 if original_l1 >= 1e-7 and kept_l1 >= 1e-7 else None
+
+
 def _rescale(sparse: torch.Tensor, original_l1: float, kept_l1: float) -> torch.Tensor:
-    if original_l1 >= 1e-7 and kept_l1 >= 1e-7:
-        sparse.mul_(original_l1 / kept_l1)
-    return sparse
+    ratio = _rescale_ratio(original_l1, kept_l1)
+    return sparse.mul_(ratio) if ratio is not None else sparse
 
 
 def prune_whole(pruner: Pruner, delta: torch.Tensor) -> torch.Tensor:

@@ -114,9 +114,8 @@ def merge_task_vectors(
             d = prune_whole(prune(i), d) if stream is None else stream.pruner(i, prune).apply(d, stream.start)
         deltas.append(d.mul_(weights[i]))
     if consensus and _fused(deltas):  # the same float32 operations, one pass (`kernels.ties_combine`)
-        floor = min(weights) / 2 if min(weights) > 0 else 0.0
         combined = torch.from_numpy(
-            kernels.ties_combine([d.numpy() for d in deltas], list(weights), normalize, floor)
+            kernels.ties_combine([d.numpy() for d in deltas], list(weights), normalize, _floor(weights))
         ).view(deltas[0].shape)
         return base.add_(combined, alpha=lambda_)
     if consensus:  # in place: the deltas become their agreeing parts
@@ -131,19 +130,30 @@ def merge_task_vectors(
         for d in deltas[1:]:
             combined.add_(d)
         if divisor is not None:
-            if min(weights) > 0:  # a zero divisor means nothing agreed (combined is 0 there): any floor works
-                divisor.clamp_(min=min(weights) / 2)
+            if _floor(weights) > 0:
+                divisor.clamp_(min=_floor(weights))
             else:
                 divisor.masked_fill_(divisor == 0, 1.0)
     else:
         combined = deltas[0]
         for d in deltas[1:]:
             combined.add_(d)
-        z = float(sum(weights))
-        divisor = torch.tensor(1.0 if abs(z) < 1e-8 else z, dtype=base.dtype, device=base.device)
+        divisor = torch.tensor(_sum_divisor(weights), dtype=base.dtype, device=base.device)
     if normalize:
         combined.div_(divisor)
     return base.add_(combined, alpha=lambda_)
+
+
+def _floor(weights: Sequence[float]) -> float:
+    """TIES' normalising divisors are raised to this (half the smallest weight) when it is positive;
+    a zero divisor means nothing agreed (the sum is 0 there): any floor works. Else zeros become 1."""
+    return min(weights) / 2 if min(weights) > 0 else 0.0
+
+
+def _sum_divisor(weights: Sequence[float]) -> float:
+    """The divisor of a normalised plain sum: the weights' sum (1 where it is ~0)."""
+    z = float(sum(weights))
+    return 1.0 if abs(z) < 1e-8 else z
 
 
 def _merge_raw(
@@ -172,7 +182,6 @@ def _merge_raw(
         return None
     assert stream.out is not None
     rules = [p.rule(stream.start, w) for p, w in zip(pruners, weights, strict=True)]
-    z = float(sum(weights))
     kernels.task_merge(
         stream.out,
         xs,
@@ -180,8 +189,8 @@ def _merge_raw(
         rules,
         consensus=consensus,
         normalize=normalize,
-        floor=min(weights) / 2 if min(weights) > 0 else 0.0,
-        divisor=1.0 if abs(z) < 1e-8 else z,
+        floor=_floor(weights),
+        divisor=_sum_divisor(weights),
         lambda_=lambda_,
     )
     return None

@@ -1,0 +1,51 @@
+"""Whole-tensor inner products observed in row chunks: the state slerp and model_stock stream with."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mergesmith.lazy_torch import torch
+from mergesmith.methods.sparsify import Pruner, rows_of
+
+
+class Gram(Pruner):
+    """The Gram matrix (v_i . v_j for every pair, norms squared on the diagonal) of a few tensors over
+    their whole length, observed chunk by chunk: products exact in float64, NumPy's pairwise sum per
+    row, row sums added with `math.fsum`, so any chunking of whole rows gives the whole tensors'
+    values. It prunes nothing: it is a stream's state (`Streaming.pruner`), not `fusable`, and with
+    `observe` False (chunks that hold everything they need) asks for no observe pass."""
+
+    def __init__(self, observe: bool = True) -> None:
+        self.needs_observe = observe
+        self.rows: dict[int, np.ndarray] = {}  # chunk start -> (rows, n, n) row sums of v_i * v_j
+        self.gram: np.ndarray | None = None
+
+    def observe_tensors(self, vs: list[torch.Tensor], start: int) -> None:
+        """The chunk of every tensor at flat element `start`."""
+        rows = [rows_of(v) for v in vs]
+        r64 = [r.numpy().astype(np.float64) if r.device.type == "cpu" else r.double().cpu().numpy() for r in rows]
+        n = len(r64)
+        sums = np.zeros((len(r64[0]), n, n))
+        for i in range(n):
+            for j in range(i, n):
+                sums[:, i, j] = sums[:, j, i] = (r64[i] * r64[j]).sum(axis=1)
+        self.rows[start] = sums
+
+    def finish(self) -> bool:
+        if self.needs_observe:
+            whole = np.concatenate([self.rows[s] for s in sorted(self.rows)])
+            n = whole.shape[1]
+            self.gram = np.array([[math.fsum(whole[:, i, j].tolist()) for j in range(n)] for i in range(n)])
+            self.rows = {}
+        return True
+
+    @classmethod
+    def of(cls, vs: list[torch.Tensor]) -> np.ndarray:
+        """The Gram matrix of whole tensors: the same values as observed in chunks."""
+        gram = cls()
+        gram.observe_tensors(vs, 0)
+        gram.finish()
+        assert gram.gram is not None
+        return gram.gram
