@@ -390,9 +390,13 @@ def test_unsupported_family_lists_what_is_supported(models, tmp_path):
 
 def test_same_model_everywhere_needs_the_flag(models, tmp_path):
     b = str(models["base"])
-    recipe = {"base_model": b, "gate_mode": "random", "experts": [{"source_model": b}, {"source_model": b}]}
+    recipe = {"base_model": b, "gate_mode": "hidden", "experts": experts(models["base"], models["base"])}
     result = moe(recipe, tmp_path / "bad", ok=False)
     assert result.exit_code == 2 and FLAG in result.output
+    # random gates over copies of one model are sparse upcycling, mergekit-moe's own documented example
+    recipe = {"base_model": b, "gate_mode": "random", "experts": [{"source_model": b}, {"source_model": b}]}
+    result = moe(recipe, tmp_path / "upcycled")
+    assert "every expert is the same model: the output only costs more until it is trained" in result.output
 
 
 def test_validate_moe_config_reports_without_building(models, tmp_path):

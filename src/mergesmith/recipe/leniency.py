@@ -158,11 +158,10 @@ def _param_hint(key: str, method: MergeMethod) -> str:
     if near:
         return near
     owners = sorted(m.name for m in METHODS.values() if key in m.params)
-    if owners:
-        shown = ", ".join(owners[:4]) + (", ..." if len(owners) > 4 else "")
-        return f"; it is a parameter of {shown}"
     if key in MergeConfig.model_fields:
         return f"; '{key}' is a top-level recipe key, not a parameter"
+    if 0 < len(owners) <= 3:
+        return f"; it is a parameter of {', '.join(owners)}"
     return f" ({method.name} takes: {', '.join(method.params) or 'no parameters'})"
 
 
