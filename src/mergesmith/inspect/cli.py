@@ -13,7 +13,7 @@ from mergesmith.errors import MergeError
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--base", default=None, metavar="BASE", help="The base model; then INPUTS are the task models.")
 @click.option("--merged", default=None, metavar="OUT", help="A finished merge: how far it moved towards each input.")
 @click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False), help="Write every figure as JSON.")
