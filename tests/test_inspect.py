@@ -158,8 +158,8 @@ def check_group(got: dict, want: dict) -> None:
         close(arr(got["norm"]), want["norm"], rtol=1e-5)
         close(arr(got["cosine"]), want["cosine"], atol=2e-5)
         close(arr(got["base_cosine"]), want["base_cosine"], atol=1e-5)
-        close(arr(got["sign_conflict"]["rate"]), want["conflict"], rtol=1e-5)
-        close(arr(got["sign_conflict"]["per_model"]), want["conflict_per_model"], rtol=1e-5)
+        close(arr(got["sign_conflict"]["rate"]), want["conflict"], rtol=1e-4, atol=1e-6)
+        close(arr(got["sign_conflict"]["per_model"]), want["conflict_per_model"], rtol=1e-4, atol=1e-6)
         # bins are 0.4% wide; a cut inside a bin counts its values at the bin's middle
         close(arr(got["kept_mass"]["kept"]), want["kept"], atol=2e-3)
         if "toward" in want:
@@ -249,7 +249,10 @@ def test_chunked_streaming_equals_whole_tensors(
         np.testing.assert_allclose(
             np.array(got["cosine"], dtype=float), np.array(want["cosine"], dtype=float), atol=1e-6
         )
-        assert got["kept_mass"] == pytest.approx(want["kept_mass"], abs=1e-9)
+        np.testing.assert_allclose(arr(got["kept_mass"]["kept"]), arr(want["kept_mass"]["kept"]), atol=1e-6)
+        np.testing.assert_allclose(
+            arr(got["sign_conflict"]["per_model"]), arr(want["sign_conflict"]["per_model"]), atol=1e-6
+        )
         np.testing.assert_allclose(got["spectra"]["overlap"], want["spectra"]["overlap"], atol=1e-4)
     for a, b in zip(small["spectra"], whole["spectra"], strict=True):
         np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-4, atol=1e-7)

@@ -5,7 +5,7 @@ Each tensor is seen once, in row chunks. A chunk gives (in float32, summed in fl
   moved towards each input;
 - the TIES sign-conflict mass: per element the sign is elected by the sum of the task vectors
   (`+1` when the sum is >= 0, as mergekit's "sum" rule), and a model's non-zero entries of the other
-  sign count with their magnitude;
+  sign count with their magnitude (read from the Gram matrix: see `TensorStats.add`);
 - a histogram of |delta| per model over bf16-wide bins (the top 16 bits of a float32 without its
   sign: 0.4% of a value wide), from which the share of each task vector's magnitude a magnitude
   (TIES) density cut keeps is read for any density, without holding the tensor;
@@ -140,25 +140,36 @@ class TensorStats:
         self.hist = np.zeros((count, BINS), dtype=np.int64)
         self.sketch = RowSketch(count, rows, cols, rank, seed) if matrix else None
         self.rank = rank
-        self._gram = torch.zeros(count + 2, count + 2, dtype=torch.float64)
+        n = count + 2 + merged
+        self._gram = torch.zeros(n, n, dtype=torch.float64)
         self._abs = torch.zeros(count, dtype=torch.float64)
-        self._conflict = torch.zeros(count, dtype=torch.float64)
+
+    @staticmethod
+    def rows_needed(count: int, merged: bool) -> int:
+        """Rows of the `stacked` chunk that `add` takes."""
+        return count + 2 + merged
 
     def add(self, start: int, stacked: torch.Tensor, width: int) -> None:
-        """`stacked`: (count + 2, c) float32 rows: the base chunk, the task-vector chunks, and the merged
-        task-vector chunk (zeros without a merge); c = rows * `width`, from row `start` on."""
+        """`stacked`: float32 rows of c = rows * `width` elements from row `start` on: the base chunk, the
+        task-vector chunks, a scratch row, and (with a merge) the merged task-vector chunk.
+
+        The scratch row gets the elected sign s (+1 where the task vectors sum to >= 0, else -1), so the
+        one Gram matrix also gives each task vector's dot product with it, and a model's magnitude
+        against the elected sign is (sum |d| - d . s) / 2, without an element-wise pass of its own."""
         k = self.count
-        g = stacked @ stacked.T
-        self._gram += g.double()
         deltas = stacked[1 : k + 1]
-        mags = deltas.abs()
-        self._abs += mags.sum(1, dtype=torch.float64)
-        against = torch.where((deltas.sum(0) < 0).unsqueeze(0), deltas > 0, deltas < 0)
-        self._conflict += (mags * against).sum(1, dtype=torch.float64)
-        bins = (mags.view(torch.int32) >> 16) + torch.arange(k, dtype=torch.int32).unsqueeze(1) * BINS
-        self.hist += torch.bincount(bins.reshape(-1), minlength=k * BINS).reshape(k, BINS).numpy()
+        sign = stacked[k + 1]
+        torch.sum(deltas, 0, out=sign)
+        torch.ge(sign, 0, out=sign)  # 1.0 / 0.0
+        sign.mul_(2).sub_(1)
+        self._gram += (stacked @ stacked.T).double()
         if self.sketch is not None:
             self.sketch.add(start, deltas.reshape(k, -1, width))
+        mags = deltas.abs()
+        self._abs += mags.sum(1).double()
+        bins = mags.view(torch.int32).bitwise_right_shift_(16)  # |d|'s top bits: its bin (mags is spent)
+        for i in range(k):
+            self.hist[i] += torch.bincount(bins[i], minlength=BINS).numpy()
 
     def finish(self, densities: list[float | None]) -> tuple[Figures, TensorSpectra | None]:
         f, k = self.fig, self.count
@@ -167,10 +178,11 @@ class TensorStats:
         f.base_sq = float(g[0, 0])
         f.gram = g[1 : k + 1, 1 : k + 1].copy()
         f.base_dot = g[0, 1 : k + 1].copy()
-        f.merged_sq = float(g[k + 1, k + 1])
-        f.merged_dot = g[k + 1, 1 : k + 1].copy()
+        if self.merged:
+            f.merged_sq = float(g[k + 2, k + 2])
+            f.merged_dot = g[k + 2, 1 : k + 1].copy()
         f.abs_mass = self._abs.numpy().copy()
-        f.conflict_mass = self._conflict.numpy().copy()
+        f.conflict_mass = np.maximum((f.abs_mass - g[k + 1, 1 : k + 1]) / 2, 0.0)
         for i in range(k):
             d = densities[i]
             shares = kept_shares(self.hist[i], [*CURVE, 1.0 if d is None else d])

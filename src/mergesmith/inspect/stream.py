@@ -15,8 +15,8 @@ from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.reader import open_source
 
-#: Elements per chunk and model (16 MB of float32).
-CHUNK = 1 << 22
+#: Elements per chunk and model (4 MB of float32: chunks stay in cache between the passes over them).
+CHUNK = 1 << 20
 _NUMPY = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 

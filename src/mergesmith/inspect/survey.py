@@ -115,6 +115,14 @@ class _Walker:
         self.base = RowReader(subject.base, files)
         self.readers = [RowReader(m, files) for m in subject.models]
         self.merged = RowReader(subject.merged, files) if subject.merged is not None else None
+        self._buf = torch.empty(0)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        """A float32 scratch of `n` elements, reused across chunks and tensors."""
+        if self._buf.numel() < n:
+            self._buf = torch.empty(0)
+            self._buf = torch.empty(n)
+        return self._buf[:n]
 
     def tensor(self, name: str, meta: TensorMeta, out: Survey) -> None:
         subject, k = self.subject, len(self.readers)
@@ -142,18 +150,18 @@ class _Walker:
         seed = zlib.crc32(name.encode())
         stats = TensorStats(k, rows, width, merged=self.merged is not None, matrix=matrix, rank=self.rank, seed=seed)
         step = max(1, CHUNK // width)
+        height = TensorStats.rows_needed(k, self.merged is not None)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            buf = torch.zeros(k + 2, (stop - start) * width)
+            buf = self._buffer(height * (stop - start) * width).view(height, -1)
             self.base.rows(name, start, stop, width, buf[0])
             for i, reader in enumerate(self.readers):
                 reader.rows(names[i], start, stop, width, buf[i + 1])
                 buf[i + 1] -= buf[0]
             if self.merged is not None:
-                self.merged.rows(merged_name, start, stop, width, buf[k + 1])
-                buf[k + 1] -= buf[0]
+                self.merged.rows(merged_name, start, stop, width, buf[k + 2])
+                buf[k + 2] -= buf[0]
             stats.add(start, buf, width)
-            del buf
         for reader, own in zip([self.base, *self.readers], [name, *names], strict=True):
             reader.done(own)
         if self.merged is not None:
