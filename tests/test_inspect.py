@@ -172,9 +172,10 @@ NAMES = ["ft1", "ft2", "fight", "other"]
 
 @pytest.fixture(scope="module")
 def cli_report(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+    """Run where the models are, by relative names (short names on the page)."""
     out = tmp_path_factory.mktemp("inspect-out")
-    args = ["inspect", "--base", zoo["base"], *(zoo[n] for n in NAMES), "--density", DENSITY, "--merged", zoo["merged"]]
-    done = mergesmith(*args, "--json", out / "r.json", "--html", out / "r.html", "--quiet", cwd=out)
+    args = ["inspect", "--base", "base", *NAMES, "--density", DENSITY, "--merged", "merged"]
+    done = mergesmith(*args, "--json", out / "r.json", "--html", out / "r.html", "--quiet", cwd=zoo["base"].parent)
     assert done.returncode == 0, done.stderr
     return json.loads((out / "r.json").read_text()), done.stdout, out
 
@@ -183,7 +184,7 @@ def test_every_figure_matches_an_independent_computation(
     zoo: dict[str, Path], cli_report: tuple[dict, str, Path]
 ) -> None:
     report, stdout, _ = cli_report
-    assert report["models"] == [str(zoo[n]) for n in NAMES]
+    assert report["models"] == NAMES and report["base"] == "base" and report["merged"] == "merged"
     assert [g["index"] for g in report["layers"]] == list(range(LAYERS))
     want = expected(zoo, NAMES, DENSITY, zoo["merged"])
     groups = want["groups"]
@@ -217,15 +218,17 @@ def test_findings_name_the_foreign_base_the_fight_and_the_density(
 ) -> None:
     report, stdout, _ = cli_report
     found = report["findings"]
-    foreign = [s for s in found if s.startswith(f"{zoo['other']} does not share the base")]
+    foreign = [s for s in found if s.startswith("other does not share the base base:")]
     assert len(foreign) == 1 and "near zero in every layer" in foreign[0]
     assert report["overall"]["modules"]["mlp"]["base_cosine"][3] == pytest.approx(0.0, abs=0.1)
     fight = [s for s in found if "pull against each other" in s]
-    assert len(fight) == 1 and fight[0].startswith(f"layer 1: {zoo['ft1']} and {zoo['fight']}")
+    assert len(fight) == 1 and fight[0].startswith("layer 1: ft1 and fight pull against each other")
     assert report["layers"][1]["cosine"][0][2] < -0.9
     low = [s for s in found if s.startswith(f"density {DENSITY:g} keeps only")]
     assert len(low) == 3  # ft1, ft2 and fight; the foreign model is reported as such instead
-    assert any(s.startswith(f"the merge {zoo['merged']} moved 0.70 of the way towards {zoo['ft1']}") for s in found)
+    assert any(
+        s.startswith("the merge merged moved 0.70 of the way towards ft1, 0.30 of the way towards ft2") for s in found
+    )
     for sentence in found:
         assert sentence in stdout
 

@@ -24,9 +24,7 @@ from mergesmith.sources.model import ModelInfo, TensorMeta
 
 log = logging.getLogger("mergesmith")
 FLOATS = {"bfloat16", "float16", "float32", "float64"}
-#: Tensors below this many elements are worked on one thread: handing tiny operations to a thread pool
-#: costs more than it saves, and on a busy machine 50x more (measured: 0.65 s against 34 s).
-ONE_THREAD = 1 << 20
+
 MODULES = ("attention", "mlp", "embeddings", "norms", "other")
 
 
@@ -89,12 +87,15 @@ def survey(subject: Subject, *, rank: int = 32, progress: Callable[[str, int], N
     k = len(subject.models)
     result = Survey(subject, Group(Figures(k)), {}, [], {}, 0, 0)
     walker = _Walker(subject, rank)
+    # One thread: the work per chunk is a few passes over cache-sized data, which torch's thread pool
+    # slows down (2 threads on this project's 2-core VMs: 5x slower per element for 1M-element chunks,
+    # 50x for the tiny tensors of the tests, measured on a busy machine).
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for name, meta in subject.base.tensors.items():
             if meta.dtype not in FLOATS or not meta.shape:
                 continue
-            torch.set_num_threads(1 if meta.numel < ONE_THREAD else threads)
             walker.tensor(name, meta, result)
             if progress is not None:
                 progress(name, meta.numel)
