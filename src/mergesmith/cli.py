@@ -296,6 +296,7 @@ COMMAND_MODULES: list[str] = [
     "mergesmith.reliability.cli",
     "mergesmith.eval.cli",
     "mergesmith.search.cli",
+    "mergesmith.inspect.cli",
 ]
 
 for _module in COMMAND_MODULES:
