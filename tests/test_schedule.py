@@ -115,19 +115,31 @@ def test_the_405b_schedule_balances_tasks_and_sums_to_the_plan(recipe_405b):
     assert max(loads) - min(loads) <= 3 * 5_000_000_000  # balanced to within one shard's read + write
 
 
+UNITS = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}
+SIZE = r"([\d.]+ (?:TB|GB|MB|kB|B))"
+
+
+def nbytes(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * UNITS[unit]
+
+
 def test_dry_run_prints_the_schedule_and_the_wall_time(recipe_405b):
     result = run_cli("run", recipe_405b, "--dry-run", "--workers", "8", "--bandwidth", "2B")
     assert result.exit_code == 0, result.output
-    tasks = re.findall(r"^task (\d+): shards ([\d,]+) \(\d+ file\(s\)\), read ([\d.]+) GB, write ([\d.]+) GB$",
-                       result.output, re.M)  # fmt: skip
+    tasks = re.findall(
+        rf"^task (\d+): shards ([\d,]+) \(\d+ file\(s\)\), read {SIZE}, write {SIZE}$", result.output, re.M
+    )
     assert [int(t[0]) for t in tasks] == list(range(8))
     shard_numbers = sorted(int(n) for t in tasks for n in t[1].split(","))
     assert shard_numbers == list(range(1, len(shard_numbers) + 1)) and len(shard_numbers) > 8
-    assert abs(sum(float(t[2]) for t in tasks) - 4 * PARAMS / 1e9) < 0.01  # the GB shown, rounded per task
-    total = re.search(r"schedule: 8 task\(s\), read ([\d.]+) GB, write ([\d.]+) GB; estimated wall time ([\d.]+) s"
-                      r" at 2.00 GB/s per worker", result.output)  # fmt: skip
+    assert sum(nbytes(t[2]) for t in tasks) == pytest.approx(4 * PARAMS, rel=1e-4)  # shown to 3 decimals
+    total = re.search(
+        rf"schedule: 8 task\(s\), read {SIZE}, write {SIZE}; estimated wall time ([\d.]+) s at 2.000 GB/s per worker",
+        result.output,
+    )
     assert total is not None, result.output
-    assert float(total[1]) == pytest.approx(4 * PARAMS / 1e9, abs=0.001)
-    assert float(total[2]) == pytest.approx(2 * PARAMS / 1e9, abs=0.001)
-    slowest = max(float(t[2]) + float(t[3]) for t in tasks) * 1e9 / 2e9
+    assert nbytes(total[1]) == pytest.approx(4 * PARAMS, rel=1e-3)
+    assert nbytes(total[2]) == pytest.approx(2 * PARAMS, rel=1e-3)
+    slowest = max(nbytes(t[2]) + nbytes(t[3]) for t in tasks) / 2e9
     assert float(total[3]) == pytest.approx(slowest, rel=0.01)  # the slowest task's bytes at 2 GB/s

@@ -86,21 +86,28 @@ def wall_seconds(tasks: Sequence[Task], bandwidth: float) -> float:
     return max((t.bytes_read + t.file_bytes) / bandwidth for t in tasks) if tasks else 0.0
 
 
+def size(n: float) -> str:
+    """Bytes in decimal units, three significant decimals for GB (a 405B merge and a toy both read)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} B"
+
+
 def schedule_lines(tasks: Sequence[Task], bandwidth: float) -> list[str]:
     """The printable schedule: one line per task, then the totals and the wall-time estimate."""
-    gb = 1e9
     lines = []
     for t in tasks:
         numbers = [m[1] for f in t.files if (m := re.fullmatch(r"model-0*(\d+)-of-\d+\.safetensors", f))]
         names = "shards " + ",".join(numbers) if len(numbers) == len(t.files) else ", ".join(t.files)
         lines.append(
-            f"task {t.index}: {names} ({len(t.shards)} file(s)), read {t.bytes_read / gb:.3f} GB,"
-            f" write {t.bytes_written / gb:.3f} GB"
+            f"task {t.index}: {names} ({len(t.shards)} file(s)), read {size(t.bytes_read)},"
+            f" write {size(t.bytes_written)}"
         )
     read = sum(t.bytes_read for t in tasks)
     written = sum(t.bytes_written for t in tasks)
     lines.append(
-        f"schedule: {len(tasks)} task(s), read {read / gb:.3f} GB, write {written / gb:.3f} GB;"
-        f" estimated wall time {wall_seconds(tasks, bandwidth):.1f} s at {bandwidth / gb:.2f} GB/s per worker"
+        f"schedule: {len(tasks)} task(s), read {size(read)}, write {size(written)};"
+        f" estimated wall time {wall_seconds(tasks, bandwidth):.1f} s at {size(bandwidth)}/s per worker"
     )
     return lines
