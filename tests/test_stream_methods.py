@@ -5,9 +5,11 @@ float64 formulas written here."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
+import yaml
 
 from mergesmith.engine import executor as executor_module
 from mergesmith.merge import MergeOptions, prepare
@@ -42,7 +44,7 @@ def whole(t, readers, seed: int = 0) -> torch.Tensor:
 
 def streamed_equals_whole(recipe: dict, monkeypatch) -> tuple:
     """Every tensor streamed equals it whole; returns (a >= 2-D tensor, its float64 inputs, its result)."""
-    assert get_method(recipe["merge_method"]).streams or recipe["merge_method"] == "ram"
+    assert get_method(recipe["merge_method"]).streams or recipe["merge_method"] in ("ram", "nearswap")  # element-wise
     plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     expected = {t.name: whole(t, readers) for t in plan.tensors}
@@ -178,3 +180,28 @@ def test_ram(models, monkeypatch, method):
             boost = 1.0
         y += torch.where(count == 1, boost, 1 / count.clamp_min(1)) * a * d
     close(got, y)
+
+
+def test_nearswap(models, monkeypatch):
+    recipe = recipe_of(models, "nearswap", n=1, t=0.01)
+    t, (x,), base, got = streamed_equals_whole(recipe, monkeypatch)
+    omega = (0.01 / (base - x).abs().clamp_min(1e-6)).clamp(0, 1)
+    close(got, omega * x + (1 - omega) * base)
+
+
+def test_validate_names_the_merges_that_need_whole_tensors(models, tmp_path):
+    from conftest import run_cli
+
+    streamed = tmp_path / "streamed.yml"
+    streamed.write_text(yaml.safe_dump(recipe_of(models, "sce")))
+    whole = tmp_path / "whole.yml"
+    whole.write_text(yaml.safe_dump(recipe_of(models, "sce", select_topk=0.5)))
+    result = run_cli("validate", streamed)
+    assert result.exit_code == 0, result.output
+    assert "whole tensors" not in result.output
+    result = run_cli("validate", whole)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("whole tensors:"))
+    assert "select_topk < 1" in line and "model.embed_tokens.weight" in line  # the largest (96 x 32)
+    needed = float(re.search(r"needs ~([\d.]+) kB", line)[1]) * 1e3
+    assert needed == pytest.approx(4 * 96 * 32 * 5 + 4 * 96 * 32, rel=1e-2)  # 4 inputs + result in float32, the copy
