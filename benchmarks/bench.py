@@ -162,6 +162,102 @@ models:
         4,
         None,
     ),
+    # issue #21: the methods that used to take whole tensors, now streamed
+    "karcher": Method(
+        """merge_method: karcher
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        2,
+        None,
+    ),
+    "nuslerp": Method(
+        """merge_method: nuslerp
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.4}}
+  - model: {ft2}
+    parameters: {{weight: 0.6}}
+""",
+        2,
+        None,
+    ),
+    "multislerp": Method(
+        """merge_method: multislerp
+dtype: bfloat16
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.3}}
+  - model: {ft3}
+    parameters: {{weight: 0.2}}
+""",
+        2,
+        None,
+    ),
+    "sce": Method(
+        """merge_method: sce
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        3,
+        None,
+    ),
+    "arcee_fusion": Method(
+        """merge_method: arcee_fusion
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+""",
+        3,
+        None,
+    ),
+    "ram": Method(
+        """merge_method: ram
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        1,
+        None,
+    ),
+    "ramplus_tl": Method(
+        """merge_method: ramplus_tl
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        2,
+        None,
+    ),
+    "nearswap": Method(
+        """merge_method: nearswap
+base_model: {base}
+dtype: bfloat16
+parameters: {{t: 0.001}}
+models:
+  - model: {ft1}
+""",
+        1,
+        None,
+    ),
 }
 
 

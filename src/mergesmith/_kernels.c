@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -470,3 +471,56 @@ MS_CLONES int64_t ms_nonfinite(const void *x, int32_t kind, int64_t n) {
 static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
+
+/* DELLA's ranks: per row of `cols` float32 values, each element's place (as a float) in the order
+ * of |value| (its bit pattern with the sign cleared: non-negative floats order as their bits), ties
+ * by position. An LSD radix sort of the 32-bit keys with their positions, 8 bits a pass: stable, so
+ * equal keys keep their positions' order; one read counts all four bytes, and a pass whose byte is
+ * the same for every key is skipped. The same places as NumPy's sort of (bits << 32 | position).
+ * Returns -1 if the scratch memory cannot be had (the caller then uses NumPy). */
+int32_t ms_row_ranks(const float *x, int64_t rows, int64_t cols, float *out) {
+    if (cols <= 0 || rows <= 0) return 0;
+    uint32_t *buf = (uint32_t *)malloc((size_t)cols * 4 * sizeof(uint32_t));
+    if (buf == NULL) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint32_t *bits = (const uint32_t *)(x + r * cols);
+        uint32_t *ka = buf, *ia = buf + cols, *kb = buf + 2 * cols, *ib = buf + 3 * cols;
+        int64_t counts[4][256];
+        memset(counts, 0, sizeof(counts));
+        for (int64_t i = 0; i < cols; i++) {
+            uint32_t k = bits[i] & 0x7FFFFFFFu;
+            ka[i] = k;
+            ia[i] = (uint32_t)i;
+            counts[0][k & 255]++;
+            counts[1][(k >> 8) & 255]++;
+            counts[2][(k >> 16) & 255]++;
+            counts[3][k >> 24]++;
+        }
+        for (int pass = 0; pass < 4; pass++) {
+            int64_t *c = counts[pass];
+            int shift = 8 * pass;
+            if (c[(ka[0] >> shift) & 255] == cols) continue; /* every key has this byte */
+            int64_t sum = 0;
+            for (int b = 0; b < 256; b++) {
+                int64_t n = c[b];
+                c[b] = sum;
+                sum += n;
+            }
+            for (int64_t i = 0; i < cols; i++) {
+                int64_t at = c[(ka[i] >> shift) & 255]++;
+                kb[at] = ka[i];
+                ib[at] = ia[i];
+            }
+            uint32_t *t = ka;
+            ka = kb;
+            kb = t;
+            t = ia;
+            ia = ib;
+            ib = t;
+        }
+        float *o = out + r * cols;
+        for (int64_t j = 0; j < cols; j++) o[ia[j]] = (float)j;
+    }
+    free(buf);
+    return 0;
+}

@@ -154,6 +154,8 @@ def merge_options(opts: dict[str, Any]) -> Any:
         resume=opts.get("resume", False),
         allow_nonfinite=opts.get("allow_nonfinite", False),
         strict=opts.get("strict", False),
+        workers=opts.get("workers") or 0,
+        ray_address=opts.get("ray_address"),
     )
 
 
@@ -179,6 +181,13 @@ def merge_options(opts: dict[str, Any]) -> Any:
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Split the merge into N Ray tasks (by shard)."
+)
+@click.option("--ray-address", default=None, help="Ray cluster to run --workers tasks on (default: start a local one).")
+@click.option(
+    "--bandwidth", default="1B", show_default=True, help="Bytes/s per worker assumed by --dry-run's time estimate."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Upload the merge when done.")
@@ -190,6 +199,7 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     \b
     Example:
       mergesmith run recipe.yml ./merged --cuda --out-shard-size 2B
+      mergesmith run recipe.yml ./merged --workers 4 --ray-address auto
     """
     from mergesmith.merge import run_merge
     from mergesmith.recipe.schema import load_config
@@ -208,6 +218,8 @@ def run(config_file: str, out_path: str | None, **opts: Any) -> None:
     options = merge_options(opts)
     if out_path is None:
         raise click.UsageError("OUT_PATH is required unless --dry-run is given")
+    if (options.workers or options.ray_address) and (opts["as_lora"] is not None or opts["as_lora_energy"] is not None):
+        raise MergeError("--workers cannot be combined with --as-lora yet", "--workers")
     if opts["push_to_hub"]:
         from mergesmith.hub import check_login
 

@@ -61,6 +61,11 @@ def _load() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.ms_task_merge.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i32, i32, f32, f32, f32, i64]
     lib.ms_task_merge.restype = None
+    try:  # newer than the rest: a library built before it still loads (its callers use NumPy)
+        lib.ms_row_ranks.argtypes = [ptr, i64, i64, ptr]
+        lib.ms_row_ranks.restype = i32
+    except AttributeError:
+        pass
     return lib
 
 
@@ -185,6 +190,31 @@ def row_l1(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape[0], dtype=np.float64)
     _LIB.ms_row_l1(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data)
     return out
+
+
+def row_ranks(x: np.ndarray) -> np.ndarray:
+    """Per row of a contiguous float32 matrix, each element's place (float32) in the order of |x|,
+    ties by position: a per-row radix sort in C (~10x NumPy's sort here), else `numpy_row_ranks`."""
+    assert x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and x.shape[1] < 1 << 24
+    ranks = getattr(_LIB, "ms_row_ranks", None) if _LIB is not None else None
+    if ranks is None:
+        return numpy_row_ranks(x)
+    out = np.empty_like(x)
+    if ranks(x.ctypes.data, x.shape[0], x.shape[1], out.ctypes.data) != 0:
+        return numpy_row_ranks(x)  # no scratch memory for the C sort
+    return out
+
+
+def numpy_row_ranks(x: np.ndarray) -> np.ndarray:
+    """`row_ranks` by one NumPy sort of the unique keys (|x|'s bits << 32 | position) and a scatter."""
+    n = x.shape[1]
+    a = np.abs(x)  # non-negative floats order as their bit patterns
+    keys = (a.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+    keys.sort(axis=1)
+    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    places = np.broadcast_to(np.arange(n, dtype=np.float32), order.shape)
+    np.put_along_axis(a, order, places, axis=1)
+    return a
 
 
 def numpy_row_l1(x: np.ndarray) -> np.ndarray:

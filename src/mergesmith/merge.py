@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergesmith.engine.executor import Executor
+from mergesmith.errors import MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
@@ -42,6 +43,8 @@ class MergeOptions:
     resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
     allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
     strict: bool = False  # a key or parameter mergekit would ignore is an error, not a warning
+    workers: int = 0  # > 0: split the merge into this many Ray tasks (engine.distributed)
+    ray_address: str | None = None  # a running Ray cluster to use (else --workers starts a local one)
 
 
 @dataclass
@@ -174,7 +177,17 @@ def run_merge(
     staged = StagedOutput(Path(out), options.overwrite)
     staged.check()
     plan, models = prepare(config, options)
+    distributed = bool(options.workers or options.ray_address)
+    if distributed:
+        from mergesmith.engine.distributed import require_ray
+
+        require_ray()  # before any work
     if plan_transform is not None:
+        if distributed:
+            raise MergeError(
+                "--workers and --ray-address split plain recipe merges only (this command rewrites the plan)",
+                "--workers",
+            )
         plan = plan_transform(plan, models)
     for w in plan.warnings:
         log.warning(w)
@@ -186,7 +199,10 @@ def run_merge(
     audit = None
     try:
         audit = open_audit(directory, plan, models, options)
-        files = write_weights(plan, models, directory, config, options, progress, audit)
+        write = write_weights
+        if distributed:
+            from mergesmith.engine.distributed import write_weights_distributed as write
+        files = write(plan, models, directory, config, options, progress, audit)
         write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
         notes = finish_report(directory, plan, models, audit, options.random_seed or 0)
         audit.journal.remove()

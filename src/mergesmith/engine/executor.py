@@ -68,7 +68,7 @@ def fit_shape(x: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor | No
 
 def elementwise(t: OutputTensor) -> bool:
     """True when output element j depends only on input elements j (so row chunks merge alike)."""
-    if t.method in ("linear", "passthrough"):
+    if t.method in ("linear", "passthrough", "ram", "nearswap"):
         return True
     if t.method == "task_arithmetic":
         return all(d >= 1 for d in t.per_model.get("density", (1.0,)))

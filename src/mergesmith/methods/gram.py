@@ -49,3 +49,22 @@ class Gram(Pruner):
         gram.finish()
         assert gram.gram is not None
         return gram.gram
+
+
+def combine(xs: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """sum_i c_i x_i, into `xs[0]`: the result of the methods whose output lies in the span of
+    their inputs (the same element-wise passes on a chunk as on the whole tensor)."""
+    out = xs[0].mul_(coefficients[0])
+    for x, c in zip(xs[1:], coefficients[1:], strict=True):
+        out.add_(x, alpha=c)
+    return out
+
+
+class WholeTensors(Gram):
+    """The stream state of a merge that, with these parameters, needs whole tensors: the executor
+    then gives it one chunk (`Pruner.streams`), and `mergesmith validate` estimates its memory so."""
+
+    streams = False
+
+    def __init__(self) -> None:
+        super().__init__(observe=False)

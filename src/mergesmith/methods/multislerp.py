@@ -1,12 +1,43 @@
-"""multislerp: barycentric interpolation of any number of models on the hypersphere."""
+"""multislerp: barycentric interpolation of any number of models on the hypersphere.
+
+The result is a combination of the (task) vectors whose coefficients need only their inner
+products: those are taken from their Gram matrix (`methods.gram`), observed over the row chunks
+first when streamed, then each chunk is combined."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.gram import Gram, combine
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_vectors import Streaming
+
+
+def multislerp_coefficients(gram: np.ndarray, w: list[float], eps: float) -> list[float]:
+    """c with y = sum_i c_i v_i, from the Gram matrix of the vectors v_i (float64 throughout)."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
+    s = 1.0 / (norms + eps)  # u_i = s_i v_i
+    gu = gram * np.outer(s, s)
+    wv = np.array(w)
+    mean_norm = math.sqrt(max(float(wv @ gu @ wv), 0.0))
+    if mean_norm < eps:
+        if len(w) != 2:
+            raise MergeError(
+                "multislerp: the weighted mean direction is zero (opposite inputs whose weights cancel); "
+                "change the weights"
+            )
+        return [w[0] * (norms[0] + eps) * s[0], w[1] * (norms[1] + eps) * s[1]]  # the weighted sum, as mergekit
+    mh = wv / mean_norm  # the unit mean direction, as coefficients of the u_i
+    dots = gu @ mh  # u_i . m^
+    tangent = wv - float(wv @ dots) * mh
+    tau = math.sqrt(max(float(tangent @ gu @ tangent), 0.0)) + eps
+    scale = float(wv @ norms)
+    c = mh * (math.cos(tau) * scale) + tangent * (math.sin(tau) / tau * scale)
+    return [float(ci * si) for ci, si in zip(c, s, strict=True)]
 
 
 @merge_method(
@@ -23,10 +54,12 @@ def multislerp(
     weight: PerModel = REQUIRED,
     normalize_weights: bool = True,
     eps: float = 1e-8,
-) -> torch.Tensor:
+    stream: Streaming | None = None,
+) -> torch.Tensor | None:
     """n_i = |x_i|, u_i = x_i/(n_i+eps), m = sum w_i u_i, m^ = m/|m|; G = sum w_i (u_i - (u_i.m^) m^),
     tau = |G| + eps; y = (sum w_i n_i) (m^ cos tau + G sin tau / tau); x_i = x_i - b and y += b with a base.
-    Weights are normalised to sum 1 when `normalize_weights` (a tangent projection, not a log map)."""
+    Weights are normalised to sum 1 when `normalize_weights` (a tangent projection, not a log map).
+    Inner products in float64, observed over the row chunks first when streamed."""
     if not xs:
         return base
     if len(xs) == 1:
@@ -37,31 +70,17 @@ def multislerp(
         if total == 0:
             raise MergeError("multislerp: the weights sum to zero; change them or set normalize_weights: false")
         w = [wi / total for wi in w]
-    shape = xs[0].shape
+    gram = stream.pruner(0, lambda i: Gram()) if stream is not None else None  # before touching the inputs
+    if stream is not None and stream.phase == "sample":
+        return None
     if base is not None:
         for x in xs:
             x.sub_(base)
-    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
-    units = [x.reshape(-1).div_(n + eps) for x, n in zip(xs, norms, strict=True)]
-    mean = torch.zeros_like(units[0])
-    for u, wi in zip(units, w, strict=True):
-        mean.add_(u, alpha=wi)
-    mean_norm = float(torch.linalg.vector_norm(mean))
-    if mean_norm < eps:
-        if len(xs) != 2:
-            raise MergeError(
-                "multislerp: the weighted mean direction is zero (opposite inputs whose weights cancel); "
-                "change the weights"
-            )
-        # Two cancelling directions: fall back to the weighted sum, as mergekit does.
-        out = units[0].mul_(w[0] * (norms[0] + eps)).add_(units[1], alpha=w[1] * (norms[1] + eps))
+    if gram is None:
+        out = combine(xs, multislerp_coefficients(Gram.of(xs), w, eps))
+    elif stream.phase == "observe":
+        gram.observe_tensors(xs, stream.start)
+        return None
     else:
-        mean.div_(mean_norm)
-        tangent = torch.zeros_like(mean)
-        for u, wi in zip(units, w, strict=True):
-            tangent.add_(u, alpha=wi).add_(mean, alpha=-wi * float(torch.dot(u, mean)))
-        tau = float(torch.linalg.vector_norm(tangent)) + eps
-        scale = sum(wi * n for wi, n in zip(w, norms, strict=True))
-        out = mean.mul_(math.cos(tau) * scale).add_(tangent, alpha=math.sin(tau) / tau * scale)
-    out = out.reshape(shape)
+        out = combine(xs, multislerp_coefficients(gram.gram, w, eps))
     return out.add_(base) if base is not None else out

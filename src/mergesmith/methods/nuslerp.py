@@ -1,10 +1,31 @@
-"""nuslerp: spherical interpolation of two models by weight, of whole tensors, rows or columns."""
+"""nuslerp: spherical interpolation of two models by weight, of whole tensors, rows or columns.
+
+Streamed in row chunks: flattened, the two vectors' norms and dot product are observed first (their
+Gram matrix, `methods.gram`); row by row, each chunk holds its own rows; column by column
+(`nuslerp_row_wise`) every chunk would need every row, so that case takes whole tensors."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.gram import Gram, WholeTensors, combine
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_vectors import Streaming
+
+
+def slerp_coefficients(t: float, gram: np.ndarray) -> list[float]:
+    """(c0, c1) with y = c0 v0 + c1 v1 for the flattened vectors: `slerp_vectors`' rules, in float64."""
+    n0 = max(math.sqrt(max(gram[0, 0], 0.0)), 1e-7)
+    n1 = max(math.sqrt(max(gram[1, 1], 0.0)), 1e-7)
+    theta = math.acos(min(1.0, max(-1.0, gram[0, 1] / (n0 * n1))))
+    sin = math.sin(theta)
+    if abs(sin) < 1e-8:
+        return [1.0 - t, t]
+    return [math.sin((1.0 - t) * theta) / sin, math.sin(t * theta) / sin]
 
 
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -40,10 +61,12 @@ def nuslerp(
     weight: PerModel = REQUIRED,
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
-) -> torch.Tensor:
+    stream: Streaming | None = None,
+) -> torch.Tensor | None:
     """t = w_B/(w_A+w_B) (0.5 if |w_A+w_B| < 1e-6); y = [sin((1-t)theta) v0 + sin(t theta) v1]/sin theta,
     v = x (or x - b, then y += b). Vectors: the whole tensor when flattening, else rows W[i,:];
-    `nuslerp_row_wise: true` takes columns W[:,j] (mergekit's behaviour, the opposite of its docs)."""
+    `nuslerp_row_wise: true` takes columns W[:,j] (mergekit's behaviour, the opposite of its docs).
+    Flattened, the norms and the dot product are float64 (observed over the row chunks first when streamed)."""
     present = len(xs) + (base is not None)
     if present == 1:  # an optional tensor only one model has: mergekit passes it through
         return xs[0] if xs else base
@@ -53,14 +76,26 @@ def nuslerp(
         )
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    flat = nuslerp_flatten or (stream is None and xs[0].dim() < 2)  # streamed chunks are >= 2-D
+    gram = None
+    if stream is not None:  # the state first, before touching the inputs
+        gram = stream.pruner(0, lambda i: Gram(observe=flat) if flat or not nuslerp_row_wise else WholeTensors())
+        if stream.phase == "sample":
+            return None
     v0, v1 = xs
     if base is not None:
         v0.sub_(base)
         v1.sub_(base)
     shape = v0.shape
-    if nuslerp_flatten or v0.dim() < 2:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif nuslerp_row_wise:  # vectors along the first axis: columns of a matrix
+    if flat:
+        if gram is not None and stream is not None and stream.phase == "observe":
+            gram.observe_tensors([v0, v1], stream.start)
+            return None
+        out = combine([v0, v1], slerp_coefficients(t, gram.gram if gram is not None else Gram.of([v0, v1])))
+        return out.add_(base) if base is not None else out
+    if stream is not None and stream.phase == "observe":
+        return None
+    if nuslerp_row_wise:  # vectors along the first axis: columns of a matrix
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     out = slerp_vectors(t, v0, v1)
     if not nuslerp_flatten and nuslerp_row_wise and out.dim() >= 2:

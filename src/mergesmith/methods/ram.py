@@ -1,9 +1,14 @@
-"""ram, ramplus_tl: average task vectors only where several models change a weight; keep unique changes."""
+"""ram, ramplus_tl: average task vectors only where several models change a weight; keep unique changes.
+
+ram is element-wise (the engine merges it in row chunks). ramplus_tl needs, per model, two counts
+over the whole tensor; streamed, they are observed over the row chunks first (`Overlap`)."""
 
 from __future__ import annotations
 
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
+from mergesmith.methods.sparsify import Pruner
+from mergesmith.methods.task_vectors import Streaming
 
 RAM_PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -17,6 +22,31 @@ def _active(xs: list[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple
         d.mul_(active)
         count.add_(active)
     return deltas, count
+
+
+class Overlap(Pruner):
+    """Per model: how many of its active elements other models change too, and how many only it
+    changes. Exact integer counts per chunk (chunks may be observed on several threads), added up
+    by `finish`, so any chunking gives the whole tensor's."""
+
+    needs_observe = True
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, list[tuple[int, int]]] = {}  # chunk start -> per model (shared, unique)
+        self.shared: list[int] = []
+        self.unique: list[int] = []
+
+    def count(self, deltas: list[torch.Tensor], count: torch.Tensor, start: int) -> None:
+        unique, shared = count == 1, count > 1
+        actives = [d != 0 for d in deltas]
+        self.chunks[start] = [(int((a & shared).sum()), int((a & unique).sum())) for a in actives]
+
+    def finish(self) -> bool:
+        per_model = list(zip(*self.chunks.values(), strict=True))
+        self.shared = [sum(s for s, _ in m) for m in per_model]
+        self.unique = [sum(u for _, u in m) for m in per_model]
+        self.chunks = {}
+        return True
 
 
 @merge_method(
@@ -45,20 +75,34 @@ def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) ->
     pretty="Reinforced Agent Merging Plus (Tensor-Local)",
 )
 def ramplus_tl(
-    xs: list[torch.Tensor], base: torch.Tensor, *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
-) -> torch.Tensor:
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+    stream: Streaming | None = None,
+) -> torch.Tensor | None:
     """As ram, but where only model i is active its tau_i is scaled by 1 + r clamp(rho_i, 0, alpha),
     rho_i = #(a_i and c > 1) / max(#(a_i and c = 1), epsilon), counted over the tensor."""
     if not xs:
         return base
+    overlap = stream.pruner(0, lambda i: Overlap()) if stream is not None else Overlap()  # before the inputs
+    if stream is not None and stream.phase == "sample":
+        return None
     deltas, count = _active(xs, base, epsilon)
+    if stream is None:
+        overlap.count(deltas, count, 0)
+        overlap.finish()
+    elif stream.phase == "observe":
+        overlap.count(deltas, count, stream.start)
+        return None
     unique = count == 1
     shared = count > 1
     shared_share = shared / count.clamp_min(1)  # 1/c where c > 1, else 0
     merged = torch.zeros_like(base)
-    for d in deltas:
-        active = d != 0
-        rho = int((active & shared).sum()) / max(int((active & unique).sum()), epsilon)
+    for i, d in enumerate(deltas):
+        rho = overlap.shared[i] / max(overlap.unique[i], epsilon)
         boost = 1 + r * min(max(rho, 0.0), alpha)
         merged.addcmul_(d, unique.to(d.dtype).mul_(boost).add_(shared_share))
     return base.add_(merged)

@@ -1,11 +1,17 @@
-"""sce: select high-variance elements, weight task vectors by their energy, erase minority signs."""
+"""sce: select high-variance elements, weight task vectors by their energy, erase minority signs.
+
+Without selection (`select_topk` 1) it streams in row chunks: the energies (mean squares of the
+task vectors, the diagonal of their Gram matrix) are observed first, the rest is element-wise.
+Selecting by variance needs a threshold over the whole tensor before the energies, so that case
+takes whole tensors."""
 
 from __future__ import annotations
 
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
-from mergesmith.methods.task_vectors import sign_consensus
+from mergesmith.methods.task_vectors import Streaming, sign_consensus
 
 
 def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
@@ -31,19 +37,36 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     pretty="SCE",
 )
 def sce(
-    xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0, int8_mask: bool = False
-) -> torch.Tensor:
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    select_topk: float = 1.0,
+    int8_mask: bool = False,
+    stream: Streaming | None = None,
+) -> torch.Tensor | None:
     """tau_i = x_i - b (kept only at the top select_topk of positions by variance across models);
     omega_i = mean(tau_i^2)/sum_j mean(tau_j^2); M_i = [sign tau_i = sign sum_j tau_j];
-    y = b + sum_i omega_i M_i tau_i / max(sum_i omega_i M_i, 1e-6). Model weights play no part."""
+    y = b + sum_i omega_i M_i tau_i / max(sum_i omega_i M_i, 1e-6). Model weights play no part.
+    The mean squares in float64 (observed over the row chunks first when streamed)."""
     if not xs:
         return base
+    gram = None
+    if stream is not None:  # the state first, before touching the inputs
+        gram = stream.pruner(0, lambda i: Gram() if select_topk >= 1 else WholeTensors())
+        if stream.phase == "sample":
+            return None
     deltas = [x.sub_(base) for x in xs]
     if select_topk < 1:
         mask = variance_mask(deltas, select_topk)
         for d in deltas:
             d.mul_(mask)
-    energy = [float(d.square().mean()) for d in deltas]
+    if gram is not None and stream is not None and stream.phase == "observe":
+        gram.observe_tensors(deltas, stream.start)
+        return None
+    observed = gram is not None and gram.needs_observe
+    squares = gram.gram if observed else Gram.of(deltas)
+    numel = stream.numel if observed else deltas[0].numel()  # of the whole tensor, not the chunk
+    energy = [float(squares[i, i]) / numel for i in range(len(deltas))]
     total = sum(energy)
     omega = [1.0 / len(deltas)] * len(deltas) if total < 1e-6 else [e / total for e in energy]
     elected = sign_consensus(deltas)

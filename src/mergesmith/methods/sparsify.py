@@ -524,17 +524,11 @@ class MagPrune(Random):
 
 def magnitude_ranks(rows: torch.Tensor) -> torch.Tensor:
     """Per row, each element's place (as a float) in the order of |value|, ties by position: the
-    inverse of a stable argsort, by one sort and a scatter. On the CPU the sort is NumPy's of the
-    unique keys (|value|'s bits << 32 | position), 1.8x faster than torch's stable merge sort here."""
+    inverse of a stable argsort. On the CPU a per-row radix sort in the compiled kernels
+    (`kernels.row_ranks`; NumPy's sort of unique keys without them); elsewhere torch's stable sort."""
     n = rows.shape[1]
     if rows.device.type == "cpu" and rows.dtype == torch.float32 and n < 1 << 24:
-        a = np.abs(rows.contiguous().numpy())  # non-negative floats order as their bit patterns
-        keys = (a.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-        keys.sort(axis=1)
-        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
-        places = np.broadcast_to(np.arange(n, dtype=np.float32), order.shape)
-        np.put_along_axis(a, order, places, axis=1)
-        return torch.from_numpy(a)
+        return torch.from_numpy(kernels.row_ranks(np.ascontiguousarray(rows.numpy())))
     order = torch.argsort(rows.abs(), dim=1, stable=True)
     places = torch.arange(n, dtype=rows.dtype, device=rows.device).expand_as(rows)
     return torch.empty_like(rows).scatter_(1, order, places)

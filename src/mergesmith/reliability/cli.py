@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from mergesmith.cli import STRICT_HELP, main, setup_logging, user_errors
+from mergesmith.cli import STRICT_HELP, main, parse_size, setup_logging, user_errors
+from mergesmith.errors import MergeError
+
+if TYPE_CHECKING:
+    from mergesmith.plan import Plan
 
 
 def report_validation(
-    config_file: str, *, cuda: bool, cache_dir: str | None, verbose: int, strict: bool = False
+    config_file: str,
+    *,
+    cuda: bool,
+    cache_dir: str | None,
+    verbose: int,
+    strict: bool = False,
+    extra: Callable[[Plan], list[str]] | None = None,
 ) -> int:
-    """Print every problem (or the plan and the estimates); returns the exit code (2: problems).
-
-    Keys and parameters mergekit would ignore are listed as warnings; problems only with `strict`."""
+    """Print every problem (or the plan and the estimates, and `extra`'s lines); returns the exit
+    code (2: problems). Keys and parameters mergekit would ignore are listed as warnings; problems
+    only with `strict`."""
     from mergesmith.reliability.validate import summary_line, validate_recipe
 
     v = validate_recipe(config_file, cache_dir=cache_dir, cuda=cuda, strict=strict)
@@ -36,6 +48,8 @@ def report_validation(
             click.echo(line)
     click.echo(summary_line(v.plan))
     for line in v.estimate.lines():
+        click.echo(line)
+    for line in extra(v.plan) if extra is not None else []:
         click.echo(line)
     click.echo("no problems found")
     return 0
@@ -88,15 +102,35 @@ def report_moe_validation(config_file: str, strict: bool = False) -> int:
     return 0
 
 
+def schedule_lines(plan: Plan, *, workers: int, shard_size: int, bandwidth: int) -> list[str]:
+    """The `--workers` schedule of `plan`: the shards a run would write, dealt to its tasks."""
+    from mergesmith.engine import schedule
+    from mergesmith.output.shards import layout_shards
+
+    if bandwidth <= 0:
+        raise MergeError("--bandwidth must be a positive number of bytes per second, like 1B or 500M", "--bandwidth")
+    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], shard_size)
+    return schedule.schedule_lines(schedule.schedule(plan, shards, workers), bandwidth)
+
+
 def dry_run(config_file: str, opts: dict[str, Any]) -> None:
-    """`run --dry-run`: the same checks as `validate`."""
+    """`run --dry-run`: the same checks as `validate`; with `--workers`, the tasks' schedule too."""
     cuda = bool(opts.get("cuda") or opts.get("gpu_rich") or str(opts.get("device") or "").startswith("cuda"))
+    extra = None
+    if opts.get("workers"):
+        extra = functools.partial(
+            schedule_lines,
+            workers=opts["workers"],
+            shard_size=parse_size(opts.get("out_shard_size") or "5B"),
+            bandwidth=parse_size(opts.get("bandwidth") or "1B"),
+        )
     code = report_validation(
         config_file,
         cuda=cuda,
         cache_dir=opts.get("transformers_cache"),
         verbose=opts.get("verbose", 0),
         strict=opts.get("strict", False),
+        extra=extra,
     )
     if code:
         sys.exit(code)

@@ -24,7 +24,7 @@ from mergesmith.recipe.leniency import Ignored, check_recipe
 from mergesmith.recipe.schema import MergeConfig, load_yaml, validation_error_to_merge_error
 from mergesmith.sources import arch
 from mergesmith.sources.hub import load_model_metadata
-from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
+from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
 
 BASELINE_RAM = 400_000_000  # the Python process with torch loaded
@@ -89,6 +89,7 @@ class Estimate:
     disk: int
     peak_ram: int
     peak_vram: int | None
+    whole: list[str] = field(default_factory=list)  # which tensors need whole tensors in memory, and why
 
     def lines(self) -> list[str]:
         gb = 1e9
@@ -98,7 +99,7 @@ class Estimate:
         ]
         if self.peak_vram is not None:
             out.append(f"peak VRAM (estimate): {self.peak_vram / gb:.3f} GB")
-        return out
+        return out + self.whole
 
 
 @dataclass
@@ -299,14 +300,22 @@ def _check_shapes(data: dict[str, Any], models: dict[str, ModelInfo], v: Validat
 
 
 def estimate(plan: Plan, models: dict[str, ModelInfo], cuda: bool) -> Estimate:
-    """Peak memory of the streaming executor: one output tensor's inputs (as float32), its result and
-    its output copy at a time, on top of the process itself. Inputs are memory-mapped, not counted."""
-    work = 0  # float32 inputs and result of the largest output tensor, plus its output-dtype copy
+    """Peak memory of the streaming executor: the chunks in flight of a streamed tensor, or a whole
+    tensor's float32 inputs, result and output copy where its method needs whole tensors
+    (`engine.footprint`), on top of the process itself. Inputs are memory-mapped, not counted."""
+    from mergesmith.engine.footprint import footprint
+    from mergesmith.engine.schedule import size
+
+    work = 0  # the largest working set of one output tensor
     host = 0  # with --cuda the host holds only the result on its way to the writer
+    whole: dict[str, tuple[int, int, str]] = {}  # reason -> (tensors, bytes of the largest, its name)
     for t in plan.tensors:
-        numel = t.nbytes // DTYPE_BYTES[t.dtype]
-        work = max(work, 4 * numel * (len(t.inputs) + 1) + t.nbytes)
+        f = footprint(t)
+        work = max(work, f.bytes)
         host = max(host, t.nbytes)
+        if f.whole is not None:
+            count, largest, name = whole.get(f.whole, (0, -1, ""))
+            whole[f.whole] = (count + 1, *max((largest, name), (f.bytes, t.name)))
     donor = models.get(plan.donor)
     side = 0
     if donor is not None:
@@ -316,9 +325,14 @@ def estimate(plan: Plan, models: dict[str, ModelInfo], cuda: bool) -> Estimate:
         for t in plan.tensors
     )
     disk = plan.bytes_written + header + side
+    notes = [
+        f"whole tensors: {count} tensor(s) are merged whole ({why}); the largest, {name}, needs"
+        f" ~{size(largest)}, so memory grows with the tensor size"
+        for why, (count, largest, name) in whole.items()
+    ]
     if cuda:
-        return Estimate(plan.bytes_read, disk, BASELINE_RAM + host, work)
-    return Estimate(plan.bytes_read, disk, BASELINE_RAM + work, None)
+        return Estimate(plan.bytes_read, disk, BASELINE_RAM + host, work, notes)
+    return Estimate(plan.bytes_read, disk, BASELINE_RAM + work, None, notes)
 
 
 def summary_line(plan: Plan) -> str:
