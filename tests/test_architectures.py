@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,8 @@ def test_merge_loads_and_matches_formula(zoo, tmp_path, family, method):
     recipe["dtype"] = "float32"
     merge(recipe, tmp_path / "out")
     load_clean(family, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["audit"]["config_problems"] == []
     out, b, a1, a2 = (tensors(p) for p in (tmp_path / "out", base, ft1, ft2))
     assert set(out) == set(b)
     for name, y in out.items():
@@ -251,3 +254,48 @@ def test_validate_prints_the_stacks_of_a_vlm(zoo, tmp_path):
     assert "text_decoder: 2 layers (model.layers.N, text_config.num_hidden_layers)" in done.stdout
     assert "vision_tower: 3 layers (visual.blocks.N, vision_config.depth)" in done.stdout
     assert "multi_modal_projector: no layers" in done.stdout
+
+
+def test_plain_decoder_plan_imports_neither_torch_nor_transformers(tmp_path):
+    """One stack that the names and config.json agree on: the plan never asks transformers."""
+    code = """
+import sys
+from pathlib import Path
+from mergesmith.plan import plan_merge
+from mergesmith.recipe.schema import parse_config
+from mergesmith.sources.model import ModelInfo, TensorMeta
+from mergesmith.sources.refs import parse_ref
+names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+names += [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3}
+models = {
+    k: ModelInfo(parse_ref(k, ""), Path("/x"), cfg, {n: TensorMeta((4, 4), "float32", "m") for n in names}, "safetensors")
+    for k in ("a", "b")
+}
+recipe = {"merge_method": "passthrough", "slices": [
+    {"sources": [{"model": "a", "layer_range": [0, 3]}]}, {"sources": [{"model": "b", "layer_range": [1, 3]}]}]}
+plan = plan_merge(parse_config(recipe), models)
+assert plan.config_updates["num_hidden_layers"] == 5, plan.config_updates
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_tensor_no_output_takes_is_an_error():
+    """Model b alone has `extra.weight` and sits in a middle slice: nothing would write it."""
+    from test_plan import fake_model, llama_names
+
+    from mergesmith.errors import MergeError
+    from mergesmith.plan import plan_merge
+    from mergesmith.recipe.schema import parse_config
+
+    cfg = {"num_hidden_layers": 2}
+    models = {
+        "a": fake_model("a", llama_names(2), cfg),
+        "b": fake_model("b", [*llama_names(2), "extra.weight"], cfg),
+    }
+    slices = [{"sources": [{"model": k, "layer_range": [0, 1]}]} for k in ("a", "b", "a")]
+    with pytest.raises(MergeError, match=r"1 tensor\(s\) of b would be dropped: no output takes them \(extra.weight\)"):
+        plan_merge(parse_config({"merge_method": "passthrough", "slices": slices}), models)
