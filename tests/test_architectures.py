@@ -299,3 +299,27 @@ def test_a_tensor_no_output_takes_is_an_error():
     slices = [{"sources": [{"model": k, "layer_range": [0, 1]}]} for k in ("a", "b", "a")]
     with pytest.raises(MergeError, match=r"1 tensor\(s\) of b would be dropped: no output takes them \(extra.weight\)"):
         plan_merge(parse_config({"merge_method": "passthrough", "slices": slices}), models)
+
+
+def test_default_module_is_the_single_stack():
+    """mergekit's `modules: {default: ...}` on a single-stack model plans as plain `slices:` do."""
+    from test_plan import fake_model, llama_names
+
+    from mergesmith.plan import plan_merge
+    from mergesmith.recipe.schema import parse_config
+
+    cfg = {"num_hidden_layers": 4}
+    models = {k: fake_model(k, llama_names(4), cfg) for k in ("a", "b")}
+    slices = [
+        {"sources": [{"model": "a", "layer_range": [0, 3]}]},
+        {"sources": [{"model": "b", "layer_range": [2, 4]}]},
+    ]
+    plain = plan_merge(parse_config({"merge_method": "passthrough", "slices": slices}), models)
+    recipe = {"merge_method": "passthrough", "modules": {"default": {"slices": slices}}}
+    moduled = plan_merge(parse_config(recipe), models)
+    assert moduled.tensors == plain.tensors
+    assert moduled.config_updates == plain.config_updates == {"num_hidden_layers": 5}
+    assert plain.structure == [
+        "structure from tensor names (one layer stack):",
+        "  default: 4 layers (model.layers.N, num_hidden_layers)",
+    ]
