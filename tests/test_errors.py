@@ -9,10 +9,10 @@ from conftest import run_cli
 from mergesmith.toymodels import make_base
 
 
-def run_bad(recipe, tmp_path):
+def run_bad(recipe, tmp_path, *flags):
     path = tmp_path / "r.yml"
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
-    result = run_cli("run", path, tmp_path / "out", "--quiet")
+    result = run_cli("run", path, tmp_path / "out", "--quiet", *flags)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
@@ -29,22 +29,34 @@ def test_unknown_method_suggests(models, tmp_path):
     assert "unknown merge method 'dare-ties'; did you mean 'dare_ties'?" in out
 
 
-def test_misspelled_parameter(models, tmp_path):
+def test_misspelled_parameter_is_ignored_with_a_warning_or_refused_with_strict(models, tmp_path):
     recipe = {"merge_method": "ties", "base_model": str(models["base"]), "models": two(models, weight=1, densty=0.5)}
-    out = run_bad(recipe, tmp_path)
-    assert "models[0].parameters.densty" in out and "did you mean 'density'" in out
+    expected = (
+        "models[0].parameters.densty: unknown parameter 'densty' for ties, ignored, as mergekit does;"
+        " did you mean 'density'?"
+    )
+    out = run_bad(recipe, tmp_path, "--strict")
+    assert "--strict: 2 key(s) or parameter(s) would be ignored" in out and expected in out
+    path = tmp_path / "r.yml"
+    result = run_cli("run", path, tmp_path / "out", "--quiet")  # mergekit merges it: so do we, saying so
+    assert result.exit_code == 0, result.output
+    assert f"WARNING: {expected}" in result.output and "models[1].parameters.densty" in result.output
 
 
 def test_misspelled_key(models, tmp_path):
     recipe = {"merge_method": "linear", "modles": two(models, weight=1)}
     out = run_bad(recipe, tmp_path)
-    assert "unknown key 'modles'; did you mean 'models'?" in out
+    assert (
+        "a recipe needs exactly one of 'models', 'slices' or 'modules' ('modles' is not a key; did you mean 'models'?)"
+        in out
+    )
 
 
 def test_misspelled_nested_key(models, tmp_path):
     recipe = {"merge_method": "linear", "models": [{"model": str(models["ft1"]), "paramters": {"weight": 1}}]}
-    out = run_bad(recipe, tmp_path)
-    assert "models[0].paramters: unknown key 'paramters'; did you mean 'parameters'?" in out
+    out = run_bad(recipe, tmp_path)  # without its parameters the model has no weight: still an error
+    assert "models[0].paramters: unknown key 'paramters', ignored, as mergekit does; did you mean 'parameters'?" in out
+    assert "linear needs parameter 'weight'" in out
 
 
 def test_missing_model_directory(models, tmp_path):

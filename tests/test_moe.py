@@ -332,7 +332,6 @@ def test_granitemoe_of_base_experts_matches_base(families, tmp_path):
     ("change", "message"),
     [
         ({"experts_per_token": 5}, "experts_per_token must be between 1 and the number of experts (4), got 5"),
-        ({"gate_mod": "random"}, "unknown key 'gate_mod'; did you mean 'gate_mode'?"),
         ({"gate_mode": "hiden"}, "unknown gate mode 'hiden'; did you mean 'hidden'?"),
         ({"architecture": "deepseek"}, "DeepSeek MoE needs remote code"),
         ({"architecture": "qwen3"}, "Qwen3 MoE is built from qwen3 models, these are 'llama'"),
@@ -349,6 +348,23 @@ def test_bad_configs_are_refused_with_one_message(models, tmp_path, change, mess
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_keys_mergekit_moe_ignores_are_warnings_or_refused_with_strict(models, tmp_path):
+    recipe = {
+        "base_model": str(models["base"]),
+        "gate_mode": "random",
+        "gate_mod": "hidden",  # a typo mergekit-moe ignores
+        "tokenizer": {"source": "union"},  # published moe configs carry it; mergekit-moe reads no such key
+        "experts": experts(models["ft1"], models["ft2"]),
+    }
+    result = moe(recipe, tmp_path / "strict", "--strict", ok=False)
+    assert result.exit_code == 2 and not (tmp_path / "strict").exists()
+    assert "--strict: 2 key(s)" in result.output and "gate_mod: unknown key 'gate_mod'" in result.output
+    result = moe(recipe, tmp_path / "lenient")
+    assert "gate_mod: unknown key 'gate_mod', ignored, as mergekit does; did you mean 'gate_mode'?" in result.output
+    assert "tokenizer: unknown key 'tokenizer', ignored, as mergekit does" in result.output
+    assert (tmp_path / "lenient" / "config.json").is_file()
 
 
 def test_missing_prompts_with_hidden_are_refused(models, tmp_path):
@@ -421,5 +437,8 @@ def test_validate_command_accepts_moe_configs(models, tmp_path):
             {"base_model": str(models["base"]), "experts_per_tok": 2, "experts": experts(models["ft1"], models["ft2"])}
         )
     )
-    result = run_cli("validate", bad)
+    result = run_cli("validate", bad)  # mergekit-moe ignores the misspelt key: a warning
+    assert result.exit_code == 0 and "warning: experts_per_tok: unknown key" in result.output
+    assert "did you mean 'experts_per_token'?" in result.output
+    result = run_cli("validate", bad, "--strict")
     assert result.exit_code == 2 and "experts_per_tok" in result.output and "experts_per_token" in result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergesmith.errors import MergeError
-from mergesmith.recipe.settings import parse_setting
+from mergesmith.recipe.settings import parse_setting, reader_for
 from mergesmith.sources.refs import parse_ref
 
 
@@ -38,7 +38,24 @@ def test_bare_filter_mapping_accepted():
     assert s.evaluate("a.o_proj.weight", 0) == 0.0 and s.evaluate("a.q_proj.weight", 0) is None
 
 
-@pytest.mark.parametrize("raw", ["x", [], [1, {"value": 1}], {"filter": "a"}, {"value": 1, "filtr": "a"}])
+def test_strings_read_as_the_declared_type_reads_them():
+    """YAML 1.1 reads `1e-10` (no decimal point) as a string; mergekit's pydantic model makes it a number."""
+    assert parse_setting("1e-10", "p").evaluate("x", 0) == 1e-10
+    assert parse_setting(" 0.5 ", "p").evaluate("x", 0) == 0.5
+    assert parse_setting(["0", "1"], "p").evaluate("x", 0.25) == pytest.approx(0.25)
+    assert parse_setting([{"filter": "mlp", "value": "3"}], "p").evaluate("a.mlp.b", 0) == 3.0
+    flags = [parse_setting(v, "p", reader_for(bool)).evaluate("x", 0) for v in ("true", "off", "1", False, 1)]
+    assert flags == [1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(MergeError, match="expected true or false"):
+        parse_setting("maybe", "p", reader_for(bool))
+
+
+def test_unknown_keys_of_a_filtered_entry_are_skipped():
+    s = parse_setting({"value": 1, "filtr": "a"}, "p")  # mergekit's model drops `filtr`: the entry matches all
+    assert s.evaluate("anything", 0) == 1.0
+
+
+@pytest.mark.parametrize("raw", ["x", "1e-10x", [], [1, {"value": 1}], {"filter": "a"}])
 def test_bad_settings_name_the_path(raw):
     with pytest.raises(MergeError) as err:
         parse_setting(raw, "models[1].parameters.density")

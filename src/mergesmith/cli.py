@@ -118,6 +118,9 @@ def note_inert_flags(opts: dict[str, Any]) -> None:
         click.echo("note: --write-threads is ignored, as in mergekit", err=True)
 
 
+STRICT_HELP = "Stop on any key or parameter that mergekit would ignore (by default each is a warning)."
+
+
 def tuning_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(TUNING_FLAGS):
         fn = option(fn)
@@ -150,6 +153,7 @@ def merge_options(opts: dict[str, Any]) -> Any:
         lora_merge_dtype=opts.get("lora_merge_dtype"),
         resume=opts.get("resume", False),
         allow_nonfinite=opts.get("allow_nonfinite", False),
+        strict=opts.get("strict", False),
     )
 
 
@@ -174,6 +178,7 @@ def merge_options(opts: dict[str, Any]) -> Any:
 @click.option("--resume", is_flag=True, help="Reuse the finished shards of an interrupted run of the same merge.")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the bytes to read and write; read no tensor.")
+@click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Upload the merge when done.")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import main, setup_logging, tuning_flags, user_errors
+from mergesmith.cli import STRICT_HELP, main, setup_logging, tuning_flags, user_errors
 from mergesmith.cli import merge_options as cli_merge_options
 
 MERGE_FLAGS = [
@@ -23,6 +23,7 @@ MERGE_FLAGS = [
     click.option("--lora-merge-cache", default=None, help="Directory to keep materialised base+LoRA models."),
     click.option("--lora-merge-dtype", default=None, help="dtype for LoRA materialisation."),
     click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
+    click.option("--strict", is_flag=True, help=STRICT_HELP),
     click.option("--quiet", is_flag=True, help="Less output."),
     click.option("-v", "--verbose", count=True, help="-v info, -vv debug."),
 ]
@@ -57,9 +58,12 @@ def multi(
       mergesmith multi stages.yml -I ./stages --out-path ./final
     """
     from mergesmith.multi import decide, load_multi, run_multi
+    from mergesmith.recipe.leniency import check_recipe, enforce
 
     options = merge_options(opts)
     recipe = load_multi(config_file, intermediate_dir, out_path)
+    for stage in recipe.stages:  # with --strict, every stage is checked before any runs
+        enforce(check_recipe(stage.config), options.strict, recipe.where(stage))
     if dry_run:
         for stage, run, why in decide(recipe, lazy):
             deps = ", ".join(stage.depends) or "-"

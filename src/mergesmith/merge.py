@@ -15,6 +15,7 @@ from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
+from mergesmith.recipe.leniency import check_recipe, enforce
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.reliability.audit import Audit, finish_report, open_audit
 from mergesmith.sources.model import ModelInfo, load_model_info
@@ -40,6 +41,7 @@ class MergeOptions:
     lora_merge_dtype: str | None = None  # dtype of base+LoRA tensors (and of their cache)
     resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
     allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
+    strict: bool = False  # a key or parameter mergekit would ignore is an error, not a warning
 
 
 @dataclass
@@ -78,9 +80,21 @@ def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelIn
 def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str, ModelInfo]]:
     """Metadata only: resolve every model and build the plan (what `--dry-run` shows)."""
     get_method(config.merge_method)  # an unknown method fails before any model is touched
+    report_ignored(config, options.strict)
     models = load_models(config, options)
-    models = align_vocabularies(config, models)  # a tokenizer block puts every embedding on the output vocab
+    models = align_vocabularies(
+        config, models, options.transformers_cache
+    )  # a tokenizer block puts every embedding on the output vocab
     return plan_merge(config, models), models
+
+
+def report_ignored(config: MergeConfig, strict: bool, source: str = "recipe") -> None:
+    """Each key or parameter the merge ignores, as mergekit does: a warning, or with `strict` an error
+    raised before any model is opened."""
+    found = check_recipe(config)
+    enforce(found, strict, source)
+    for f in found:
+        (log.warning if f.level == "warning" else log.info)(f.line())
 
 
 def write_weights(

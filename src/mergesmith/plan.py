@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergesmith.errors import MergeError, did_you_mean
-from mergesmith.methods.registry import MergeMethod, all_param_names, get_method
+from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.recipe.schema import MergeConfig, SliceSource
-from mergesmith.recipe.settings import Setting, parse_setting
+from mergesmith.recipe.settings import Setting, parse_setting, reader_for
 from mergesmith.sources import arch
 from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
@@ -113,23 +113,14 @@ class ParamBlock:
 EMPTY = ParamBlock("", {})
 
 
-def parse_block(raw: Mapping[str, Any] | None, where: str, method: MergeMethod, warnings: list[str]) -> ParamBlock:
-    if not raw:
-        return ParamBlock(where, {})
-    known_elsewhere = all_param_names()
+def parse_block(raw: Mapping[str, Any] | None, where: str, method: MergeMethod) -> ParamBlock:
+    """The settings of the parameters `method` reads; any other key is skipped, as mergekit skips it
+    (`recipe/leniency.py` reports each one)."""
     settings: dict[str, Setting] = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}"
-        if key not in method.params:
-            if key in known_elsewhere:
-                warnings.append(f"{path}: '{key}' is not a parameter of {method.name}; ignored")
-                continue
-            raise MergeError(
-                f"unknown parameter '{key}'{did_you_mean(key, list(method.params) or known_elsewhere)}"
-                f" ({method.name} takes: {', '.join(method.params) or 'no parameters'})",
-                path,
-            )
-        settings[key] = parse_setting(value, path)
+    for key, value in (raw or {}).items():
+        param = method.params.get(key)
+        if param is not None:
+            settings[key] = parse_setting(value, f"{where}.{key}", reader_for(param.type))
     return ParamBlock(where, settings)
 
 
@@ -172,17 +163,16 @@ class _Planner:
         self.models = models
         self.method = get_method(config.merge_method)
         self.warnings: list[str] = []
-        self._noted: set[str] = set()  # inert parameters already warned about
         self._structures: dict[str, Structure] = {}
         self.base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
         m = self.method
-        self.top = parse_block(config.parameters, "parameters", m, self.warnings)
+        self.top = parse_block(config.parameters, "parameters", m)
         self.module_params = EMPTY  # the parameters of the module being planned
         self.module = "default"  # the module being planned: layer ranges count its stack
         self.per_input: dict[str, ParamBlock] = {}
         for key, block in (config.input_model_parameters or {}).items():
             ref = parse_ref(key, f"input_model_parameters.{key}")
-            self.per_input[ref.key] = parse_block(block, f"input_model_parameters.{key}", m, self.warnings)
+            self.per_input[ref.key] = parse_block(block, f"input_model_parameters.{key}", m)
         self.donor = self.base or self._first_ref()
         self.structure = self._structure(self.donor)
         self._check_same_structure()
@@ -247,7 +237,7 @@ class _Planner:
                 module = c.modules[name]
                 prefix = f"modules.{name}."
                 self.module = name
-                params = parse_block(module.parameters, f"{prefix}parameters", self.method, self.warnings)
+                params = parse_block(module.parameters, f"{prefix}parameters", self.method)
                 parts.append(Part(name, self._slices(module.models, module.slices, prefix), params))
             copied = [p.module for p in parts if p.copied]
             if copied:
@@ -305,13 +295,13 @@ class _Planner:
                 Source(
                     parse_ref(src.model, f"{w}.sources[{j}].model"),
                     src.layer_range,
-                    parse_block(src.parameters, f"{w}.sources[{j}].parameters", self.method, self.warnings),
+                    parse_block(src.parameters, f"{w}.sources[{j}].parameters", self.method),
                     f"{w}.sources[{j}]",
                 )
                 for j, src in enumerate(s.sources)
             )
             base = parse_ref(s.base_model, f"{w}.base_model") if s.base_model is not None else self.base
-            out.append(Slice(sources, base, parse_block(s.parameters, f"{w}.parameters", self.method, self.warnings)))
+            out.append(Slice(sources, base, parse_block(s.parameters, f"{w}.parameters", self.method)))
             for src in sources:
                 self._check_range(src)
         return out
@@ -324,7 +314,7 @@ class _Planner:
             ref = parse_ref(entry.model, f"{w}.model")
             n = self._layers_of(ref)
             counts[str(ref)] = n
-            params = parse_block(entry.parameters, f"{w}.parameters", self.method, self.warnings)
+            params = parse_block(entry.parameters, f"{w}.parameters", self.method)
             sources.append(Source(ref, (0, n), params, w))
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
@@ -432,12 +422,7 @@ class _Planner:
         own = lookup(src)
         if own is None:
             raise MergeError(f"the donor {src.ref} has no tensor '{out_name}'", out_name)
-        meta = self._info(src.ref).tensors[own]
-        dtype = self.config.out_dtype or self.config.dtype or meta.dtype
-        if meta.dtype not in FLOAT_DTYPES:
-            dtype = meta.dtype
-        x = InputTensor(src.ref.key, own, meta.shape, meta.dtype)
-        return OutputTensor(out_name, "passthrough", (x,), None, {}, {"scale": (1.0,)}, meta.shape, dtype)
+        return self._base_copy(out_name, (src, own))
 
     def _check_all_taken(self, tensors: list[OutputTensor]) -> None:
         """Every input tensor goes somewhere, or the recipe said where not: never a silent drop."""
@@ -496,6 +481,8 @@ class _Planner:
             raise MergeError(f"{m.name} needs a base_model", "base_model")
         others = [i for i in range(len(present)) if i != base_idx]
         lo, hi = m.models
+        if not others and base_idx is not None and lo == 0:
+            return self._base_copy(out_name, present[base_idx])
         if not (lo <= len(others) and (hi is None or len(others) <= hi)):
             want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
             names = ", ".join(str(present[i][0].ref) for i in others)
@@ -540,14 +527,19 @@ class _Planner:
                     value = p.default
                 values.append(p.coerce(value, f"{src.where}.parameters"))
             per_model[p.name] = tuple(values)
-            if p.name in m.inert and any(v != p.default for v in values) and p.name not in self._noted:
-                self._noted.add(p.name)
-                self.warnings.append(f"'{p.name}' has no effect on {m.name}: {m.inert[p.name]}")
         shape = self._output_shape(out_name, inputs, base_idx)
         dtype = self.config.out_dtype or self.config.dtype or inputs[base_idx if base_idx is not None else 0].dtype
         if inputs[0].dtype not in FLOAT_DTYPES:
             dtype = inputs[0].dtype  # integer buffers (position ids) are copied, never merged
         return OutputTensor(out_name, m.name, tuple(inputs), base_idx, params, per_model, shape, dtype)
+
+    def _base_copy(self, out_name: str, base: tuple[Source, str]) -> OutputTensor:
+        """A tensor only the base has (a base+LoRA merged alone): the base's, as mergekit returns it."""
+        src, own = base
+        meta = self._info(src.ref).tensors[own]
+        x = InputTensor(src.ref.key, own, meta.shape, meta.dtype)
+        dtype = (self.config.out_dtype or self.config.dtype or x.dtype) if x.dtype in FLOAT_DTYPES else x.dtype
+        return OutputTensor(out_name, "passthrough", (x,), None, {}, {"scale": (1.0,)}, x.shape, dtype)
 
     def _output_shape(self, name: str, inputs: list[InputTensor], base_idx: int | None) -> tuple[int, ...]:
         shapes = {x.shape for x in inputs}

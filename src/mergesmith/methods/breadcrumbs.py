@@ -13,6 +13,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 @merge_method(
     "breadcrumbs",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, then add.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs",
@@ -47,6 +48,7 @@ def breadcrumbs(
 @merge_method(
     "breadcrumbs_ties",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="Model Breadcrumbs sparsification with TIES sign consensus.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs with TIES",

@@ -14,6 +14,7 @@ DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
 @merge_method(
     "della",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="DELLA: magnitude-ranked random drop per row, L1 rescale, TIES sign consensus.",
     paper=DELLA_PAPER,
     pretty="DELLA",
@@ -49,6 +50,7 @@ def della(
 @merge_method(
     "della_linear",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="DELLA sparsification without sign consensus: task arithmetic on MAGPRUNE-dropped deltas.",
     paper=DELLA_PAPER,
     pretty="Linear DELLA",

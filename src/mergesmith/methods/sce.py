@@ -25,6 +25,7 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
 @merge_method(
     "sce",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="SCE: Select top-variance elements, Calculate energy-based weights, Erase minority signs.",
     paper="https://arxiv.org/abs/2408.07990",
     pretty="SCE",

@@ -16,6 +16,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 @merge_method(
     "task_arithmetic",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="Add weighted task vectors (fine-tune minus base) to the base.",
     paper="https://arxiv.org/abs/2212.04089",
     pretty="Task Arithmetic",
@@ -52,6 +53,7 @@ def task_arithmetic(
 @merge_method(
     "ties",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="TIES: trim task vectors by magnitude, elect signs, disjoint mean.",
     paper=TIES_PAPER,
     pretty="TIES",
@@ -85,6 +87,7 @@ def ties(
 @merge_method(
     "dare_linear",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="DARE: drop delta elements at random, rescale, add.",
     paper=DARE_PAPER,
     pretty="DARE",
@@ -118,6 +121,7 @@ def dare_linear(
 @merge_method(
     "dare_ties",
     base="required",
+    models=(0, None),  # only the base (a base+LoRA alone, "lorablation"): the output is the base, as in mergekit
     summary="DARE random drop with TIES sign consensus.",
     paper=DARE_PAPER,
     pretty="DARE TIES",

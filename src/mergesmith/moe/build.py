@@ -67,6 +67,7 @@ def _dtype(config: MoEConfig, base: ModelInfo) -> str:
 def resolve_inputs(config: MoEConfig, cache_dir: str | None = None, allow_identical: bool = False) -> MoEInputs:
     """Read metadata of every model, pick the output family and lay out the output tensors."""
     base_ref, expert_refs, shared_refs = _refs(config)
+    warnings: list[str] = []
     models: dict[str, ModelInfo] = {}
     for ref in [base_ref, *expert_refs, *shared_refs]:
         if ref.key not in models:
@@ -74,7 +75,11 @@ def resolve_inputs(config: MoEConfig, cache_dir: str | None = None, allow_identi
     base = models[base_ref.key]
     types = {str(models[r.key].config.get("model_type", "unknown")) for r in [base_ref, *expert_refs, *shared_refs]}
     family = families.choose_family(config.architecture, types, len(shared_refs))
-    if len({r.key for r in expert_refs}) == 1 and len(expert_refs) > 1 and not allow_identical:
+    identical = len({r.key for r in expert_refs}) == 1 and len(expert_refs) > 1
+    if identical and config.gate_mode == "random" and not allow_identical:
+        # mergekit-moe accepts random gates over copies of one model (sparse upcycling, its docs' example)
+        warnings.append("every expert is the same model: the output only costs more until it is trained")
+    elif identical and not allow_identical:
         raise MergeError(
             "every expert is the same model, so the result only costs more than that model; pass"
             " --i-understand-this-is-not-useful-without-training if you mean to train it",
@@ -95,7 +100,6 @@ def resolve_inputs(config: MoEConfig, cache_dir: str | None = None, allow_identi
     ]
     shapes = {name: meta.shape for name, meta in base.tensors.items()}
     tensors = families.layout(family, base_ref.key, shapes, experts, shared, layers, dtype)
-    warnings = []
     n = len(experts)
     if family.model_type == "mixtral" and n & (n - 1):
         warnings.append(f"{n} experts is not a power of two; llama.cpp cannot run this model")

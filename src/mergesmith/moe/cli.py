@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import main, parse_size, setup_logging, user_errors
+from mergesmith.cli import STRICT_HELP, log, main, parse_size, setup_logging, user_errors
 from mergesmith.errors import MergeError
 
 
@@ -30,6 +30,7 @@ from mergesmith.errors import MergeError
 @click.option("--load-in-4bit", is_flag=True, hidden=True)
 @click.option("--load-in-8bit", is_flag=True, hidden=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 @user_errors
@@ -43,11 +44,16 @@ def moe(config_file: str, out_path: str, **opts: Any) -> None:
     from mergesmith.merge import MergeOptions
     from mergesmith.moe.build import run_moe
     from mergesmith.moe.config import load_moe_config
+    from mergesmith.recipe.leniency import enforce, unknown_keys
 
     setup_logging(opts["verbose"])
     if opts["load_in_4bit"] or opts["load_in_8bit"]:
         click.echo("note: --load-in-4bit/8bit is not needed; the base model runs in bfloat16", err=True)
     config, text = load_moe_config(config_file)
+    ignored = list(unknown_keys(config))
+    enforce(ignored, opts["strict"], config_file)
+    for f in ignored:
+        log.warning(f.line())
     device = opts["device"] or ("cuda" if opts["cuda"] else "cpu")
     if device.startswith("cuda"):
         import torch

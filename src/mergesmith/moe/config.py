@@ -13,11 +13,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.recipe.leniency import Ignored, enforce, unknown_keys
 from mergesmith.recipe.schema import (
     DTYPE_ALIASES,
     DTYPES,
     ModelRefLike,
-    _Strict,
+    RecipeModel,
     read_yaml,
     validate_mapping,
 )
@@ -26,7 +27,7 @@ GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "u
 PROMPTED_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
-class ExpertSpec(_Strict):
+class ExpertSpec(RecipeModel):
     source_model: ModelRefLike
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
@@ -34,7 +35,7 @@ class ExpertSpec(_Strict):
     residual_scale: float | None = None
 
 
-class MoEConfig(_Strict):
+class MoEConfig(RecipeModel):
     base_model: ModelRefLike
     experts: list[ExpertSpec] = Field(min_length=1)
     gate_mode: str = "hidden"
@@ -100,11 +101,22 @@ def is_moe_config(data: Any) -> bool:
     return isinstance(data, dict) and "experts" in data and "merge_method" not in data
 
 
-def validate_moe_config(path: str | Path) -> list[MergeError]:
-    """Every problem with an MoE config, without reading tensors: schema errors, then the output
-    family (which reads only config.json and safetensors headers of the models). Empty when valid."""
+def moe_ignored(path: str | Path) -> list[Ignored]:
+    """The keys of an MoE config that mergekit-moe ignores (none when it does not parse)."""
     try:
         config, _ = load_moe_config(path)
+    except MergeError:
+        return []
+    return list(unknown_keys(config))
+
+
+def validate_moe_config(path: str | Path, strict: bool = False) -> list[MergeError]:
+    """Every problem with an MoE config, without reading tensors: schema errors, then the output
+    family (which reads only config.json and safetensors headers of the models). Empty when valid.
+    With `strict`, keys mergekit-moe would ignore are problems too."""
+    try:
+        config, _ = load_moe_config(path)
+        enforce(unknown_keys(config), strict, str(path))
     except MergeError as err:
         return [err]
     from mergesmith.moe.build import resolve_inputs

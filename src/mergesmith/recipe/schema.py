@@ -1,7 +1,8 @@
 """The YAML recipe schema (mergekit's, plus `input_model_parameters`), as pydantic models.
 
-Unknown keys are errors with a suggestion (mergekit ignores them silently); keys mergekit accepts
-and ignores (`residual_weight`) are accepted.
+Unknown keys are kept, as mergekit's models keep going without them; `recipe/leniency.py` reports
+each with its YAML path and a suggestion (an error with `--strict`). Keys mergekit declares and
+ignores (`residual_weight`) are fields.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 Params = dict[str, Any]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RecipeModel(BaseModel):
+    """A schema level: unknown keys are allowed (kept in `model_extra`) and reported, never refused."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class InputModel(_Strict):
+class InputModel(RecipeModel):
     model: ModelRefLike
     parameters: Params | None = None
 
 
-class SliceSource(_Strict):
+class SliceSource(RecipeModel):
     model: ModelRefLike
     layer_range: tuple[int, int]
     parameters: Params | None = None
@@ -44,7 +47,7 @@ class SliceSource(_Strict):
         return v
 
 
-class OutputSlice(_Strict):
+class OutputSlice(RecipeModel):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: ModelRefLike | None = None
     parameters: Params | None = None
@@ -58,7 +61,7 @@ class OutputSlice(_Strict):
         return self
 
 
-class ModuleSpec(_Strict):
+class ModuleSpec(RecipeModel):
     slices: list[OutputSlice] | None = None
     models: list[InputModel] | None = None
     parameters: Params | None = None
@@ -70,13 +73,13 @@ class ModuleSpec(_Strict):
         return self
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(RecipeModel):
     source: ModelRefLike = "union"
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
 
 
-class MergeConfig(_Strict):
+class MergeConfig(RecipeModel):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -106,7 +109,12 @@ class MergeConfig(_Strict):
     def _shape(self) -> MergeConfig:
         given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("a recipe needs exactly one of 'models', 'slices' or 'modules'")
+            near = "".join(
+                f" ('{k}' is not a key{hint})"
+                for k in self.model_extra or {}
+                if (hint := did_you_mean(str(k), ("models", "slices", "modules")))
+            )
+            raise ValueError(f"a recipe needs exactly one of 'models', 'slices' or 'modules'{near}")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both")
         return self

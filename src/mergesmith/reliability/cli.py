@@ -7,14 +7,22 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import main, setup_logging, user_errors
+from mergesmith.cli import STRICT_HELP, main, setup_logging, user_errors
 
 
-def report_validation(config_file: str, *, cuda: bool, cache_dir: str | None, verbose: int) -> int:
-    """Print every problem (or the plan and the estimates); returns the exit code (2: problems)."""
+def report_validation(
+    config_file: str, *, cuda: bool, cache_dir: str | None, verbose: int, strict: bool = False
+) -> int:
+    """Print every problem (or the plan and the estimates); returns the exit code (2: problems).
+
+    Keys and parameters mergekit would ignore are listed as warnings; problems only with `strict`."""
     from mergesmith.reliability.validate import summary_line, validate_recipe
 
-    v = validate_recipe(config_file, cache_dir=cache_dir, cuda=cuda)
+    v = validate_recipe(config_file, cache_dir=cache_dir, cuda=cuda, strict=strict)
+    if not strict:
+        for f in v.ignored:
+            if f.level == "warning" or verbose:
+                click.echo(f"{f.level}: {f.line()}", err=True)
     if v.problems:
         click.echo(f"{len(v.problems)} problem(s) in {config_file}:", err=True)
         for p in v.problems:
@@ -40,8 +48,9 @@ def report_validation(config_file: str, *, cuda: bool, cache_dir: str | None, ve
 @click.option("--cuda", is_flag=True, help="Also estimate GPU memory.")
 @click.option("--transformers-cache", default=None, help="Hugging Face download cache directory.")
 @click.option("-v", "--verbose", count=True, help="-vv prints the per-tensor plan.")
+@click.option("--strict", is_flag=True, help=STRICT_HELP)
 @user_errors
-def validate(config_file: str, cuda: bool, transformers_cache: str | None, verbose: int) -> None:
+def validate(config_file: str, cuda: bool, transformers_cache: str | None, verbose: int, strict: bool) -> None:
     """Check a recipe from metadata only: every problem at once, with its YAML path and a fix.
 
     \b
@@ -50,8 +59,8 @@ def validate(config_file: str, cuda: bool, transformers_cache: str | None, verbo
     """
     setup_logging(verbose)
     if is_moe_config(config_file):
-        sys.exit(report_moe_validation(config_file))
-    sys.exit(report_validation(config_file, cuda=cuda, cache_dir=transformers_cache, verbose=verbose))
+        sys.exit(report_moe_validation(config_file, strict))
+    sys.exit(report_validation(config_file, cuda=cuda, cache_dir=transformers_cache, verbose=verbose, strict=strict))
 
 
 def is_moe_config(config_file: str) -> bool:
@@ -65,10 +74,13 @@ def is_moe_config(config_file: str) -> bool:
     return isinstance(data, dict) and "experts" in data and "merge_method" not in data
 
 
-def report_moe_validation(config_file: str) -> int:
-    from mergesmith.moe.config import validate_moe_config
+def report_moe_validation(config_file: str, strict: bool = False) -> int:
+    from mergesmith.moe.config import moe_ignored, validate_moe_config
 
-    problems = validate_moe_config(config_file)
+    problems = validate_moe_config(config_file, strict)
+    if not strict:
+        for f in moe_ignored(config_file):
+            click.echo(f"{f.level}: {f.line()}", err=True)
     if problems:
         click.echo(f"{len(problems)} problem(s) in {config_file}:", err=True)
         for p in problems:
@@ -82,7 +94,11 @@ def dry_run(config_file: str, opts: dict[str, Any]) -> None:
     """`run --dry-run`: the same checks as `validate`."""
     cuda = bool(opts.get("cuda") or opts.get("gpu_rich") or str(opts.get("device") or "").startswith("cuda"))
     code = report_validation(
-        config_file, cuda=cuda, cache_dir=opts.get("transformers_cache"), verbose=opts.get("verbose", 0)
+        config_file,
+        cuda=cuda,
+        cache_dir=opts.get("transformers_cache"),
+        verbose=opts.get("verbose", 0),
+        strict=opts.get("strict", False),
     )
     if code:
         sys.exit(code)

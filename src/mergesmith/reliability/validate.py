@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.plan import Plan, parse_block, plan_merge
+from mergesmith.recipe.leniency import Ignored, check_recipe
 from mergesmith.recipe.schema import MergeConfig, load_yaml, validation_error_to_merge_error
 from mergesmith.sources import arch
 from mergesmith.sources.hub import load_model_metadata
@@ -34,6 +35,7 @@ SUGGESTIONS = (
     ("unknown merge method", "`mergesmith methods` lists the methods"),
     ("unknown parameter", "`mergesmith methods NAME` lists a method's parameters"),
     ("unknown dtype", "use one of the dtypes listed"),
+    ("(--strict)", "fix or remove it, or run without --strict (mergekit ignores it)"),
     ("unknown key", "see the recipe reference in the README"),
     ("required key is missing", "add the key; see the recipe reference in the README"),
     ("model directory not found", "check the path (relative paths are relative to where you run mergesmith)"),
@@ -106,6 +108,7 @@ class Validation:
     problems: list[Problem] = field(default_factory=list)
     plan: Plan | None = None
     estimate: Estimate | None = None
+    ignored: list[Ignored] = field(default_factory=list)  # keys and parameters mergekit would ignore
 
     def add(self, where: str, message: str) -> None:
         problem = Problem(where or self.source, message, suggest(message))
@@ -128,7 +131,9 @@ class Validation:
         return None
 
 
-def validate_recipe(path: str | Path, *, cache_dir: str | None = None, cuda: bool = False) -> Validation:
+def validate_recipe(
+    path: str | Path, *, cache_dir: str | None = None, cuda: bool = False, strict: bool = False
+) -> Validation:
     v = Validation(str(path))
     data = v.guard(str(path), lambda: load_yaml(path))
     if v.problems:
@@ -137,6 +142,13 @@ def validate_recipe(path: str | Path, *, cache_dir: str | None = None, cuda: boo
         v.add(str(path), f"a recipe must be a YAML mapping, got {type(data).__name__}")
         return v
     config = v.guard(str(path), lambda: _schema(data, str(path), v))
+    readable = config if config is not None else _without_bad_keys(data)
+    if readable is not None:
+        v.ignored = check_recipe(readable)
+        if strict:
+            for f in v.ignored:
+                if f.level == "warning":
+                    v.add(f.where, f"{f.message} (--strict)")
     method = None
     if isinstance(data.get("merge_method"), str):
         method = v.guard("merge_method", lambda: get_method(data["merge_method"]))
@@ -168,6 +180,19 @@ def _schema(data: dict[str, Any], source: str, v: Validation) -> MergeConfig | N
         for line in text.splitlines()[1:]:
             where, _, message = line.strip().partition(": ")
             v.add(where, message)
+    return None
+
+
+def _without_bad_keys(data: dict[str, Any]) -> MergeConfig | None:
+    """The recipe less the top-level keys with schema errors, to list ignored keys beside them."""
+    try:
+        MergeConfig.model_validate(data)
+    except ValidationError as err:
+        bad = {e["loc"][0] for e in err.errors() if e["loc"]}
+        try:
+            return MergeConfig.model_validate({k: val for k, val in data.items() if k not in bad})
+        except ValidationError:
+            return None
     return None
 
 
@@ -214,7 +239,7 @@ def _check_parameters(config: MergeConfig, method: MergeMethod, v: Validation) -
             for j, src in enumerate(s.sources):
                 blocks.append((f"{prefix}slices[{i}].sources[{j}].parameters", src.parameters))
     for where, raw in blocks:
-        v.guard(where, lambda raw=raw, where=where: parse_block(raw, where, method, []))
+        v.guard(where, lambda raw=raw, where=where: parse_block(raw, where, method))
 
 
 def _info(data_ref: Any, models: dict[str, ModelInfo]) -> ModelInfo | None:

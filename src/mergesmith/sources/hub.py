@@ -152,7 +152,7 @@ def download(ref: ModelRef, cache_dir: str | None = None) -> Path:
     except Exception as err:
         if not _unreachable(err):
             raise hub_error(err, ref) from None
-        return _cached_snapshot(ref, cache_dir)
+        return small_files_snapshot(ref, cache_dir)
     try:
         _, weights = weight_files(listing, cache_dir)
         # by name, not sha: huggingface_hub records the branch -> commit, so the id also works offline later
@@ -165,8 +165,9 @@ def download(ref: ModelRef, cache_dir: str | None = None) -> Path:
         raise hub_error(err, ref) from None
 
 
-def _cached_snapshot(ref: ModelRef, cache_dir: str | None) -> Path:
-    """Offline: the cached snapshot; the loader then checks the weights it names are there."""
+def small_files_snapshot(ref: ModelRef, cache_dir: str | None) -> Path:
+    """A snapshot of only the config and tokenizer files: a tokenizer source that is not merged, or,
+    offline, the cached snapshot (the loader then checks the weights it names are there)."""
     from huggingface_hub import snapshot_download
 
     try:

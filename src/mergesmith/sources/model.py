@@ -156,6 +156,18 @@ def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
     return download(ref, cache_dir)  # a hub id: only the files the merge needs
 
 
+def tokenizer_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
+    """A directory with `ref`'s tokenizer files (for a hub id, only its small files are fetched)."""
+    local = Path(ref.path).expanduser()
+    if local.is_dir():
+        return local
+    from mergesmith.sources.hub import looks_local, small_files_snapshot
+
+    if looks_local(ref.path):
+        raise MergeError("model directory not found", ref.path)
+    return small_files_snapshot(ref, cache_dir)
+
+
 def _weights_index(directory: Path) -> tuple[str, dict[str, str]]:
     """(format, tensor name -> file name) for the model in `directory`."""
     for fmt, single, index in (

@@ -21,7 +21,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources import arch
-from mergesmith.sources.model import ModelInfo, TensorMeta
+from mergesmith.sources.model import ModelInfo, TensorMeta, tokenizer_directory
 from mergesmith.sources.reader import TensorSource
 from mergesmith.sources.refs import parse_ref
 from mergesmith.tokenizer.build import BuiltTokenizer, build_tokenizer, load_tokenizer
@@ -162,8 +162,12 @@ def _roles(info: ModelInfo) -> dict[str, str]:
     return {"embed": embed, "head": heads[0] if heads else embed}
 
 
-def align_vocabularies(config: MergeConfig, models: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
-    """ModelInfo copies on the output vocabulary, or `models` itself when the recipe builds no tokenizer."""
+def align_vocabularies(
+    config: MergeConfig, models: dict[str, ModelInfo], cache_dir: str | None = None
+) -> dict[str, ModelInfo]:
+    """ModelInfo copies on the output vocabulary, or `models` itself when the recipe builds no tokenizer.
+
+    The tokenizer source may be any model, merged or not (mergekit loads only its tokenizer)."""
     if config.tokenizer is None and config.tokenizer_source is None:
         return models
     raw_source = config.tokenizer_source if config.tokenizer is None else config.tokenizer.source
@@ -175,7 +179,14 @@ def align_vocabularies(config: MergeConfig, models: dict[str, ModelInfo]) -> dic
             raise MergeError(f"{ref} is not one of the merged models ({', '.join(models)})", at)
         return key
 
-    source = raw_source if raw_source in ("base", "union") else resolve(raw_source, where)
+    source, external = str(raw_source), None
+    if raw_source not in ("base", "union"):
+        ref = parse_ref(raw_source, where)
+        source = ref.key
+        if ref.key not in models:
+            external = load_tokenizer(tokenizer_directory(ref, cache_dir))
+            if external is None:
+                raise MergeError(f"{raw_source} has no tokenizer that transformers can load", where)
     base = parse_ref(config.base_model, "base_model").key if config.base_model is not None else next(iter(models))
     roles = {k: _roles(info) for k, info in models.items()}
     rows = {k: info.tensors[roles[k]["embed"]].shape[0] for k, info in models.items()}
@@ -185,7 +196,7 @@ def align_vocabularies(config: MergeConfig, models: dict[str, ModelInfo]) -> dic
     aliases = {k: {head: r["embed"]} if head and r["head"] == r["embed"] else {} for k, r in roles.items()}
     specs = parse_token_specs(config.tokenizer.tokens if config.tokenizer else None, resolve)
     tokenizers = {k: load_tokenizer(info.directory) for k, info in models.items()}
-    built = build_tokenizer(source, base, tokenizers, rows, list(specs))
+    built = build_tokenizer(source, base, tokenizers, rows, list(specs), external)
     maps = {k: built.index_map(k) for k in models}
     recipes, rules = row_recipes(built.vocab, maps, built.model_vocabs, rows, base, specs)
     for token, rule in rules.items():

@@ -54,9 +54,11 @@ def build_tokenizer(
     tokenizers: dict[str, Any],
     rows: dict[str, int],
     extra_tokens: list[str],
+    external: Any | None = None,
 ) -> BuiltTokenizer:
     """`source` is "base", "union" or a model key; `tokenizers` maps every model key to its tokenizer
-    (None for none); `rows` is each model's embedding row count."""
+    (None for none); `rows` is each model's embedding row count. `external` is the source's tokenizer
+    when the source is a model that is not merged."""
     from tokenizers import AddedToken
 
     base_tok = tokenizers[base_key]
@@ -67,7 +69,7 @@ def build_tokenizer(
         vocab = (tok if tok is not None else base_tok).get_vocab()
         model_vocabs[key] = {t: i for t, i in vocab.items() if i < rows[key]}
     start_key = base_key if source in ("base", "union") else source
-    start = tokenizers[start_key]
+    start = external if external is not None else tokenizers[start_key]
     if start is None:
         raise MergeError(f"model {start_key} has no tokenizer that transformers can load", "tokenizer.source")
     out = copy.deepcopy(start)
