@@ -323,3 +323,20 @@ def test_default_module_is_the_single_stack():
         "structure from tensor names (one layer stack):",
         "  default: 4 layers (model.layers.N, num_hidden_layers)",
     ]
+
+
+@pytest.mark.parametrize("family", ["llava", "t5_gated", "bert"])
+def test_verify_load_uses_the_class_config_json_names(zoo, tmp_path, family):
+    base, ft1, _ = zoo(family)
+    merge(
+        {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(ft1)}],
+            "parameters": {"t": 0.5},
+        },
+        tmp_path / "out",
+    )
+    result = run_cli("verify", tmp_path / "out", "--load")
+    assert result.exit_code == 0, result.output
+    assert f"loaded {model_class(family).__name__} and ran a forward pass" in result.output
