@@ -11,13 +11,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, did_you_mean
 from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.recipe.schema import MergeConfig, SliceSource
 from mergesmith.recipe.settings import Setting, parse_setting, reader_for
 from mergesmith.sources import arch
 from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
+from mergesmith.sources.structure import Structure, find_structure
 
 FLOAT_DTYPES = {"bfloat16", "float16", "float32", "float64"}
 
@@ -60,6 +61,7 @@ class Plan:
     donor: str  # model key whose config.json and tokenizer the output takes
     config_updates: dict[str, Any]  # dotted config.json keys to set
     warnings: list[str] = field(default_factory=list)
+    structure: list[str] = field(default_factory=list)  # the donor's stacks, how they were found
 
     @property
     def bytes_read(self) -> int:
@@ -145,36 +147,144 @@ class Slice:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Part:
+    """What the recipe says for one module of the model (mergekit's `modules:` names)."""
+
+    module: str
+    slices: list[Slice]
+    params: ParamBlock
+    copied: bool = False  # the recipe does not name this module: copied whole from the donor
+
+
 class _Planner:
     def __init__(self, config: MergeConfig, models: Mapping[str, ModelInfo]) -> None:
         self.config = config
         self.models = models
         self.method = get_method(config.merge_method)
         self.warnings: list[str] = []
+        self._structures: dict[str, Structure] = {}
         self.base = parse_ref(config.base_model, "base_model") if config.base_model is not None else None
         m = self.method
         self.top = parse_block(config.parameters, "parameters", m)
-        self.module_params = EMPTY
+        self.module_params = EMPTY  # the parameters of the module being planned
+        self.module = "default"  # the module being planned: layer ranges count its stack
         self.per_input: dict[str, ParamBlock] = {}
         for key, block in (config.input_model_parameters or {}).items():
             ref = parse_ref(key, f"input_model_parameters.{key}")
             self.per_input[ref.key] = parse_block(block, f"input_model_parameters.{key}", m)
-        self.slices = self._normalise()
+        self.donor = self.base or self._first_ref()
+        self.structure = self._structure(self.donor)
+        self._check_same_structure()
+        self.parts = self._normalise()
 
-    # -- recipe shapes -> slices
-    def _normalise(self) -> list[Slice]:
+    def _check_same_structure(self) -> None:
+        """Every model must have the donor's modules and stacks, or layers would be matched wrongly."""
+        want = _shape_of(self.structure)
+        c = self.config
+        blocks = [("", c.models, c.slices)]
+        blocks += [(f"modules.{k}.", m.models, m.slices) for k, m in (c.modules or {}).items()]
+        entries = [(f"{p}models[{i}].model", m.model) for p, models, _ in blocks for i, m in enumerate(models or [])]
+        for p, _, slices in blocks:
+            for i, s in enumerate(slices or []):
+                entries += [(f"{p}slices[{i}].sources[{j}].model", src.model) for j, src in enumerate(s.sources)]
+        for where, raw in entries:
+            ref = parse_ref(raw, where)
+            if ref.key not in self.models:
+                continue
+            got = _shape_of(self._structure(ref))
+            if got != want:
+                raise MergeError(
+                    f"{ref} is built differently from {self.donor}: its layer stacks are {_show(got)},"
+                    f" the donor's {_show(want)}",
+                    where,
+                )
+
+    def _first_ref(self) -> ModelRef:
         c = self.config
         models, slices, prefix = c.models, c.slices, ""
         if c.modules:
-            if len(c.modules) != 1:
-                raise MergeError(
-                    "recipes with several modules are not supported for decoder-only models; use 'models' or 'slices'",
-                    "modules",
-                )
-            ((mname, module),) = c.modules.items()
-            prefix = f"modules.{mname}."
-            models, slices = module.models, module.slices
-            self.module_params = parse_block(module.parameters, f"{prefix}parameters", self.method)
+            name, module = next(iter(c.modules.items()))
+            models, slices, prefix = module.models, module.slices, f"modules.{name}."
+        if models:
+            return parse_ref(models[0].model, f"{prefix}models[0].model")
+        assert slices is not None
+        return parse_ref(slices[0].sources[0].model, f"{prefix}slices[0].sources[0].model")
+
+    def _structure(self, ref: ModelRef) -> Structure:
+        if ref.key not in self._structures:
+            info = self._info(ref)
+            self._structures[ref.key] = find_structure(info.config, info.tensors)
+        return self._structures[ref.key]
+
+    # -- recipe shapes -> slices, per module
+    def _normalise(self) -> list[Part]:
+        c = self.config
+        modules = self.structure.modules or ("default",)
+        if c.modules:
+            for name in c.modules:
+                if name not in modules:
+                    raise MergeError(
+                        f"{self.donor} has no module '{name}'{did_you_mean(name, list(modules))}"
+                        f" (its modules: {', '.join(modules)})",
+                        f"modules.{name}",
+                    )
+            parts = []
+            for name in modules:
+                if name not in c.modules:
+                    parts.append(self._copy_part(name))
+                    continue
+                module = c.modules[name]
+                prefix = f"modules.{name}."
+                self.module = name
+                params = parse_block(module.parameters, f"{prefix}parameters", self.method)
+                parts.append(Part(name, self._slices(module.models, module.slices, prefix), params))
+            copied = [p.module for p in parts if p.copied]
+            if copied:
+                self.warnings.append(f"modules: {', '.join(copied)} not in the recipe; copied whole from {self.donor}")
+            return parts
+        if c.models:
+            parts = []
+            for name in modules:
+                self.module = name
+                parts.append(Part(name, self._slices(c.models, None, ""), EMPTY))
+            return parts
+        target = self._slices_target(modules)
+        parts = []
+        for name in modules:
+            self.module = name
+            parts.append(
+                Part(name, self._slices(None, c.slices, ""), EMPTY) if name == target else self._copy_part(name)
+            )
+        if len(modules) > 1:
+            others = ", ".join(m for m in modules if m != target)
+            self.warnings.append(
+                f"slices: applied to the {target} only; {others} copied whole from {self.donor}"
+                " (use 'modules:' to merge them too)"
+            )
+        return parts
+
+    def _slices_target(self, modules: tuple[str, ...]) -> str:
+        """The module a recipe's top-level `slices:` apply to: the only stack, or the text decoder."""
+        stacks = self.structure.stacks
+        if len(stacks) <= 1:
+            return stacks[0].module if stacks else modules[0]
+        if self.structure.stack_of("text_decoder") is not None:
+            return "text_decoder"
+        counts = ", ".join(f"{s.module}: {s.layers} layers" for s in stacks)
+        raise MergeError(
+            f"{self.donor} has several layer stacks ({counts}); 'slices' cannot say which one a layer_range"
+            f" counts. Give each its own under 'modules:', e.g. modules: {{{stacks[0].module}: {{slices: ...}},"
+            f" {stacks[1].module}: {{slices: ...}}}}",
+            "slices",
+        )
+
+    def _copy_part(self, name: str) -> Part:
+        self.module = name
+        n = self._layers_of(self.donor)
+        return Part(name, [Slice((Source(self.donor, (0, n), EMPTY, "base_model"),), None, EMPTY)], EMPTY, True)
+
+    def _slices(self, models: list[Any] | None, slices: list[Any] | None, prefix: str) -> list[Slice]:
         if models:
             return [self._models_slice(models, prefix)]
         assert slices is not None
@@ -208,7 +318,10 @@ class _Planner:
             sources.append(Source(ref, (0, n), params, w))
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-            raise MergeError(f"models have different layer counts ({detail}); use 'slices' to pick layers", "models")
+            what = "" if self.module == "default" else f" in {self.module}"
+            raise MergeError(
+                f"models have different layer counts{what} ({detail}); use 'slices' to pick layers", "models"
+            )
         if self.base is not None and all(s.ref.key != self.base.key for s in sources):
             n = self._layers_of(self.base)
             sources.append(Source(self.base, (0, n), EMPTY, "base_model"))
@@ -218,63 +331,130 @@ class _Planner:
         return self.models[ref.key]
 
     def _layers_of(self, ref: ModelRef) -> int:
-        return arch.layer_count(self._info(ref).tensors.keys())
+        """Layers of `ref`'s stack in the module being planned (0 for a module without layers)."""
+        stack = self._structure(ref).stack_of(self.module)
+        return stack.layers if stack is not None else 0
 
     def _check_range(self, src: Source) -> None:
         n = self._layers_of(src.ref)
         a, b = src.layers
         if b > n:
+            what = "" if self.module == "default" else f"'s {self.module}"
             raise MergeError(
-                f"layer_range [{a}, {b}] goes beyond the model, which has {n} layers", f"{src.where}.layer_range"
+                f"layer_range [{a}, {b}] goes beyond the model{what}, which has {n} layers", f"{src.where}.layer_range"
             )
 
     # -- tensors
     def plan(self) -> Plan:
         tensors: list[OutputTensor] = []
-        first, last = self.slices[0], self.slices[-1]
-        non_layer = self._non_layer_names()
+        counts: dict[str, tuple[int, list[tuple[Source, int]]]] = {}
+        for part in self.parts:
+            self.module, self.module_params = part.module, part.params
+            n, origin = self._plan_part(part, tensors)
+            counts[part.module] = (n, origin)
+        self._check_all_taken(tensors)
+        updates = self._config_updates(self.donor, tensors, counts)
+        structure = self.structure.describe()
+        if self.structure.found_by.startswith("name patterns") and len(self.structure.stacks) > 1:
+            self.warnings.append(f"{self.donor}: {self.structure.found_by}; check the stacks found (validate)")
+        return Plan(self.method.name, tensors, self.donor.key, updates, self.warnings, structure)
+
+    def _plan_part(self, part: Part, tensors: list[OutputTensor]) -> tuple[int, list[tuple[Source, int]]]:
+        """One module's output tensors: its pre weights, its layers slice by slice, its post weights."""
+        first, last = part.slices[0], part.slices[-1]
+        emit = self._copy if part.copied else self._tensor
+        non_layer = self._non_layer_names(part)
         pre = [n for n in non_layer if arch.is_pre_weight(n)]
         post = [n for n in non_layer if not arch.is_pre_weight(n)]
         for name in pre:
-            tensors.append(self._tensor(name, first, lambda s, n=name: self._resolve_input(s, n), t=0.0))
+            tensors.append(emit(name, first, lambda s, n=name: self._resolve_input(s, n), t=0.0))
         out_layer = 0
         layer_origin: list[tuple[Source, int]] = []
-        for sl in self.slices:
+        for sl in part.slices:
             for k in range(sl.length):
                 t = 1.0 if sl.length == 1 else k / (sl.length - 1)
-                # Keyed by (layer-container prefix, rest of the name): a model may have several
-                # stacks (a vision tower beside the language model), each keeps its own prefix.
+                # Keyed by (layer-container prefix, rest of the name).
                 keys: dict[tuple[str, str], None] = {}
                 names: dict[Source, dict[tuple[str, str], str]] = {}
                 for src in sl.sources:
-                    layer = src.layers[0] + k
                     own = {}
-                    for n in self._info(src.ref).tensors:
-                        p = arch.parse_layer_name(n)
-                        if p is not None and p.index == layer:
-                            own[(p.prefix, p.rest)] = n
-                            keys.setdefault((p.prefix, p.rest))
+                    for key, n in self._layer_index(src.ref).get((part.module, src.layers[0] + k), ()):
+                        own[key] = n
+                        keys.setdefault(key)
                     names[src] = own
                 for key in keys:
                     out_name = f"{key[0]}.{out_layer}.{key[1]}"
-                    tensors.append(self._tensor(out_name, sl, lambda s, r=key, own=names: own[s].get(r), t))
+                    tensors.append(emit(out_name, sl, lambda s, r=key, own=names: own[s].get(r), t))
                 layer_origin.append((sl.sources[0], sl.sources[0].layers[0] + k))
                 out_layer += 1
         for name in post:
-            tensors.append(self._tensor(name, last, lambda s, n=name: self._resolve_input(s, n), t=0.0))
-        donor = self.base or self.slices[0].sources[0].ref
-        updates = self._config_updates(donor, tensors, out_layer, layer_origin)
-        return Plan(self.method.name, tensors, donor.key, updates, self.warnings)
+            tensors.append(emit(name, last, lambda s, n=name: self._resolve_input(s, n), t=0.0))
+        return out_layer, layer_origin
 
-    def _non_layer_names(self) -> list[str]:
-        """Non-layer tensors of the first and last slices, in the donor's file order."""
+    def _layer_index(self, ref: ModelRef) -> dict[tuple[str, int], list[tuple[tuple[str, str], str]]]:
+        """(module, layer) -> its tensors as ((prefix, rest), name), in file order; built once per model."""
+        info = self._info(ref)
+        cached = info._extra.get("plan_layer_index")
+        if cached is None:
+            structure = self._structure(ref)
+            cached = {}
+            for n in info.tensors:
+                p = structure.locate(n)
+                if p is not None:
+                    cached.setdefault((p.stack.module, p.index), []).append(((p.stack.prefix, p.rest), n))
+            info._extra["plan_layer_index"] = cached
+        return cached
+
+    def _non_layer_names(self, part: Part) -> list[str]:
+        """The module's non-layer tensors in its first and last slices, in the donor's file order."""
         names: dict[str, None] = {}
-        for sl in (self.slices[0], self.slices[-1]):
+        for sl in (part.slices[0], part.slices[-1]):
             for src in sl.sources:
+                structure = self._structure(src.ref)
                 for n in self._info(src.ref).tensors:
-                    if arch.parse_layer_name(n) is None:
+                    if structure.locate(n) is None and structure.module_of(n) == part.module:
                         names.setdefault(n)
         return list(names)
+
+    def _copy(self, out_name: str, sl: Slice, lookup: Callable[[Source], str | None], t: float) -> OutputTensor:
+        """A tensor of a module the recipe does not merge: the donor's, unchanged but for the dtype."""
+        (src,) = sl.sources
+        own = lookup(src)
+        if own is None:
+            raise MergeError(f"the donor {src.ref} has no tensor '{out_name}'", out_name)
+        return self._base_copy(out_name, (src, own))
+
+    def _check_all_taken(self, tensors: list[OutputTensor]) -> None:
+        """Every input tensor goes somewhere, or the recipe said where not: never a silent drop."""
+        used = {(x.model, x.name) for t in tensors for x in t.inputs}
+        out = {t.name for t in tensors}
+        modules = {p.module for p in self.parts}
+        head = any(arch.is_lm_head(n) for n in out)
+        refs: dict[str, ModelRef] = {}
+        for part in self.parts:
+            for sl in part.slices:
+                for src in sl.sources:
+                    refs.setdefault(src.ref.key, src.ref)
+                if sl.base is not None:
+                    refs.setdefault(sl.base.key, sl.base)
+        for key, ref in refs.items():
+            structure = self._structure(ref)
+            lost = []
+            for n in self._info(ref).tensors:
+                if (key, n) in used:
+                    continue
+                module = structure.module_of(n)
+                if module not in modules:
+                    lost.append(n)
+                elif structure.locate(n) is None and n not in out and not (arch.is_lm_head(n) and not head):
+                    lost.append(n)
+            if lost:
+                shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+                raise MergeError(
+                    f"{len(lost)} tensor(s) of {ref} would be dropped: no output takes them ({shown});"
+                    f" the output's modules: {', '.join(sorted(modules))}",
+                    str(ref),
+                )
 
     def _resolve_input(self, src: Source, name: str) -> str | None:
         tensors = self._info(src.ref).tensors
@@ -378,8 +558,10 @@ class _Planner:
         raise MergeError(f"shape mismatch between models: {detail}", f"tensor {name}")
 
     def _config_updates(
-        self, donor: ModelRef, tensors: list[OutputTensor], n_layers: int, origin: list[tuple[Source, int]]
+        self, donor: ModelRef, tensors: list[OutputTensor], counts: Mapping[str, tuple[int, list[tuple[Source, int]]]]
     ) -> dict[str, Any]:
+        """config.json changes, from the structure only: a stack's count where slices changed it, the
+        vocabulary size from the word embeddings, the tie flag from the head written."""
         cfg = self._info(donor).config
         updates: dict[str, Any] = {}
         dtype = self.config.out_dtype or self.config.dtype
@@ -387,20 +569,32 @@ class _Planner:
             updates["dtype"] = dtype
             if "torch_dtype" in cfg:
                 updates["torch_dtype"] = dtype
-        key = arch.num_layers_key(cfg)
-        if key and arch.get_dotted(cfg, key) != n_layers:
+        for stack in self.structure.stacks:
+            n_layers, origin = counts.get(stack.module, (stack.layers, []))
+            key = stack.count_key
+            if key is None:
+                if n_layers != stack.layers:
+                    self.warnings.append(
+                        f"config.json: no key is known to count {stack.module}'s layers; it is not updated to {n_layers}"
+                    )
+                continue
+            if arch.get_dotted(cfg, key) == n_layers:
+                continue
             updates[key] = n_layers
-            types = cfg.get("layer_types")
+            parent = key.rpartition(".")[0]
+            types_key = f"{parent}.layer_types" if parent else "layer_types"
+            types = arch.get_dotted(cfg, types_key)
             if isinstance(types, list):
                 rebuilt = []
                 for src, layer in origin:
-                    own = self._info(src.ref).config.get("layer_types")
+                    own = arch.get_dotted(self._info(src.ref).config, types_key)
                     rebuilt.append(own[layer] if isinstance(own, list) and layer < len(own) else types[0])
-                updates["layer_types"] = rebuilt
+                updates[types_key] = rebuilt
+        vocab = set(self.structure.vocab_tensors)
         for t in tensors:
-            if arch.is_embedding(t.name) and not arch.is_lm_head(t.name) and len(t.shape) == 2:
-                for vk in arch.VOCAB_KEYS:
-                    if isinstance(cfg.get(vk), int) and cfg[vk] != t.shape[0]:
+            if t.name in vocab and not arch.is_lm_head(t.name) and arch.is_word_embedding(t.name) and len(t.shape) == 2:
+                for vk in _vocab_keys(cfg):
+                    if arch.get_dotted(cfg, vk) != t.shape[0]:
                         updates[vk] = t.shape[0]
                         self.warnings.append(f"config.json: {vk} set to {t.shape[0]} to match {t.name}")
                 break
@@ -417,6 +611,23 @@ class _Planner:
                 " tie_word_embeddings set to false so the merged lm_head is used"
             )
         return updates
+
+
+def _shape_of(structure: Structure) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((s.module, s.prefix) for s in structure.stacks))
+
+
+def _show(shape: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{m} ({p}.N)" for m, p in shape) or "none with layers"
+
+
+def _vocab_keys(cfg: Mapping[str, Any]) -> list[str]:
+    """The config keys holding the vocabulary size, top level and the text decoder's."""
+    found = [k for k in arch.VOCAB_KEYS if isinstance(cfg.get(k), int)]
+    text = cfg.get("text_config")
+    if isinstance(text, dict):
+        found += [f"text_config.{k}" for k in arch.VOCAB_KEYS if isinstance(text.get(k), int)]
+    return found
 
 
 def referenced_models(config: MergeConfig) -> list[ModelRef]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from mergesmith.lazy_torch import torch
 from mergesmith.sources import arch
+from mergesmith.sources.structure import find_structure
 
 CHUNK = 1 << 24  # elements per finiteness check: bounds the temporary boolean mask
 
@@ -28,21 +29,28 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
 
 
 def config_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Where config.json disagrees with the tensors written: layer count, vocabulary size, tie flag."""
+    """Where config.json disagrees with the tensors written: each stack's layer count, vocabulary size, tie flag."""
     problems = []
     names = list(shapes)
-    key = arch.num_layers_key(dict(config))
-    layers = arch.layer_count(names)
-    if key is not None and layers and arch.get_dotted(dict(config), key) != layers:
-        problems.append(
-            f"config.json {key} is {arch.get_dotted(dict(config), key)} but the weights have {layers} layers"
-        )
-    embed = next((n for n in names if arch.is_embedding(n) and not arch.is_lm_head(n) and len(shapes[n]) == 2), None)
+    cfg = dict(config)
+    structure = find_structure(cfg, names)
+    for stack in structure.stacks:
+        if stack.count_key is not None and arch.get_dotted(cfg, stack.count_key) != stack.layers:
+            problems.append(
+                f"config.json {stack.count_key} is {arch.get_dotted(cfg, stack.count_key)}"
+                f" but the weights have {stack.layers} layers in {stack.prefix}"
+            )
+    vocab = [n for n in structure.vocab_tensors if not arch.is_lm_head(n) and len(shapes[n]) == 2]
+    embed = vocab[0] if vocab else None
     if embed is not None:
+        text = cfg.get("text_config")
         for vk in arch.VOCAB_KEYS:
-            value = config.get(vk)
-            if isinstance(value, int) and value != shapes[embed][0]:
-                problems.append(f"config.json {vk} is {value} but {embed} has {shapes[embed][0]} rows")
+            for where, value in (
+                (vk, cfg.get(vk)),
+                (f"text_config.{vk}", text.get(vk) if isinstance(text, dict) else None),
+            ):
+                if isinstance(value, int) and value != shapes[embed][0]:
+                    problems.append(f"config.json {where} is {value} but {embed} has {shapes[embed][0]} rows")
     head = next((n for n in names if arch.is_lm_head(n)), None)
     tie = config.get("tie_word_embeddings")
     if tie is False and head is None and embed is not None:

@@ -43,6 +43,8 @@ def report_validation(
     assert v.plan is not None and v.estimate is not None
     for w in v.plan.warnings:
         click.echo(f"warning: {w}", err=True)
+    for line in v.plan.structure:
+        click.echo(line)
     if verbose >= 2:
         for line in v.plan.describe():
             click.echo(line)

@@ -26,6 +26,7 @@ from mergesmith.sources import arch
 from mergesmith.sources.hub import load_model_metadata
 from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
+from mergesmith.sources.structure import find_structure
 
 BASELINE_RAM = 400_000_000  # the Python process with torch loaded
 SIDE_FILES = ("config.json", "generation_config.json", *(f"tokenizer{s}" for s in (".json", "_config.json", ".model")))
@@ -250,25 +251,37 @@ def _info(data_ref: Any, models: dict[str, ModelInfo]) -> ModelInfo | None:
     return models.get(ref.key)
 
 
-def _slices(data: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    blocks = [("", data)] + [(f"modules.{k}.", m) for k, m in (data.get("modules") or {}).items()]
-    for prefix, block in blocks:
+def _slices(data: dict[str, Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """(YAML path, module or None for top-level slices, slice) of every slice."""
+    blocks: list[tuple[str, str | None, Any]] = [("", None, data)]
+    blocks += [(f"modules.{k}.", k, m) for k, m in (data.get("modules") or {}).items()]
+    for prefix, module, block in blocks:
         for i, s in enumerate(block.get("slices") or []):
-            yield f"{prefix}slices[{i}]", s
+            yield f"{prefix}slices[{i}]", module, s
 
 
 def _check_ranges(data: dict[str, Any], models: dict[str, ModelInfo], v: Validation) -> None:
-    for where, s in _slices(data):
+    for where, module, s in _slices(data):
         for j, src in enumerate(s["sources"]):
             info = _info(src["model"], models)
             if info is None:
                 continue
-            n = arch.layer_count(list(info.tensors))
+            structure = find_structure(info.config, info.tensors)
+            if module is None:  # top-level slices count the text decoder (or the only stack)
+                stack = structure.stack_of("text_decoder") or (
+                    structure.stacks[0] if len(structure.stacks) == 1 else None
+                )
+                if stack is None and structure.stacks:
+                    continue  # several stacks and no text decoder: the plan asks for 'modules:'
+            else:
+                stack = structure.stack_of(module)
+            n = stack.layers if stack is not None else 0
             a, b = src["layer_range"]
             if b > n:
+                what = f" ({stack.module})" if stack is not None and stack.module != "default" else ""
                 v.add(
                     f"{where}.sources[{j}].layer_range",
-                    f"layer_range [{a}, {b}] goes beyond the model, which has {n} layers",
+                    f"layer_range [{a}, {b}] goes beyond the model{what}, which has {n} layers",
                 )
 
 

@@ -74,18 +74,27 @@ def verify_directory(directory: Path) -> tuple[list[str], dict[str, TensorMeta]]
 
 
 def load_and_run(directory: Path) -> str:
-    """Load with transformers and run a forward pass on a few tokens; returns a one-line result."""
+    """Load in the class config.json names (AutoModelForCausalLM if transformers has none of that
+    name) and run a forward pass on a few tokens; returns a one-line result."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    names = (read_json(directory / "config.json") or {}).get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory))
+        model, info = cls.from_pretrained(str(directory), output_loading_info=True)
     except Exception as err:
         raise MergeError(f"transformers cannot load the model: {type(err).__name__}: {err}", str(directory)) from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            shown = ", ".join(str(k) for k in list(info[kind])[:5])
+            raise MergeError(f"{type(model).__name__} reports {kind.replace('_', ' ')}: {shown}", str(directory))
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.arange(1, 1 + min(8, vocab - 1)).unsqueeze(0)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
+        extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+        logits = model(input_ids=ids, **extra).logits
     if not torch.isfinite(logits).all():
         raise MergeError("the forward pass produced NaN/Inf logits", str(directory))
     return f"loaded {type(model).__name__} and ran a forward pass on {ids.shape[1]} tokens: logits {list(logits.shape)}, finite"

@@ -1,7 +1,9 @@
 """Architecture from tensor names: no per-architecture files needed for decoder-only models.
 
 A layer tensor is one whose name has `<container>.<index>.` with a container such as `layers`,
-`h`, `blocks` or `layer`; the rest of the name is the layer template. Non-layer tensors are pre
+`h`, `blocks` or `layer`; the first such container counts (T5's `block.N.layer.M.` is layer N),
+and the rest of the name is the layer template. Models with several stacks are described by
+`sources.structure`, which asks transformers. Non-layer tensors are pre
 weights (embeddings: taken from the first slice of a frankenmerge) or post weights (final norm,
 lm_head: taken from the last slice).
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LAYER_RE = re.compile(
-    r"^(?P<prefix>(?:.*\.)?(?:layers|layer|h|blocks|block|decoder_layers))\.(?P<index>\d+)\.(?P<rest>.+)$"
+    r"^(?P<prefix>(?:.*?\.)?(?:layers|layer|h|blocks|block|decoder_layers))\.(?P<index>\d+)\.(?P<rest>.+)$"
 )
 EMBED_MARKERS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embeddings.", "tok_embeddings")
 LM_HEAD_MARKERS = ("lm_head", "embed_out", "output.weight")
@@ -38,9 +40,25 @@ def parse_layer_name(name: str) -> LayerName | None:
     return LayerName(m["prefix"], int(m["index"]), m["rest"])
 
 
+WORD_EMBED_MARKERS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
 def is_embedding(name: str) -> bool:
     """Token embeddings and output heads: their first axis is the vocabulary."""
-    return (any(m in name for m in EMBED_MARKERS) and "position" not in name and "wpe" not in name) or is_lm_head(name)
+    return (
+        any(m in name for m in EMBED_MARKERS)
+        and "position" not in name
+        and "wpe" not in name
+        and "token_type" not in name
+        and "patch" not in name
+    ) or is_lm_head(name)
+
+
+def is_word_embedding(name: str) -> bool:
+    """The input token embeddings only (not BERT's token-type or position rows): they size the vocabulary."""
+    if name in ("shared.weight", "backbone.embeddings.weight"):  # T5, Mamba
+        return True
+    return any(m in name for m in WORD_EMBED_MARKERS) and "position" not in name
 
 
 def is_lm_head(name: str) -> bool:
