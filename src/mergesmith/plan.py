@@ -8,11 +8,12 @@ plan can be printed, tested and checked (`--dry-run`) before a byte of weights i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergesmith.errors import MergeError, did_you_mean
 from mergesmith.methods.registry import MergeMethod, all_param_names, get_method
+from mergesmith.recipe.post import LiNeS, parse_post
 from mergesmith.recipe.schema import MergeConfig, SliceSource
 from mergesmith.recipe.settings import Setting, parse_setting
 from mergesmith.sources import arch
@@ -170,6 +171,7 @@ class _Planner:
             ref = parse_ref(key, f"input_model_parameters.{key}")
             self.per_input[ref.key] = parse_block(block, f"input_model_parameters.{key}", m, self.warnings)
         self.slices = self._normalise()
+        self.post = parse_post(config.post, m.name, m.params)
 
     # -- recipe shapes -> slices
     def _normalise(self) -> list[Slice]:
@@ -272,6 +274,8 @@ class _Planner:
                 out_layer += 1
         for name in post:
             tensors.append(self._tensor(name, last, lambda s, n=name: self._resolve_input(s, n), t=0.0))
+        if self.post:
+            tensors = _post_steps(tensors, self.post)
         donor = self.base or self.slices[0].sources[0].ref
         updates = self._config_updates(donor, tensors, out_layer, layer_origin)
         return Plan(self.method.name, tensors, donor.key, updates, self.warnings)
@@ -420,6 +424,23 @@ class _Planner:
                 " tie_word_embeddings set to false so the merged lm_head is used"
             )
         return updates
+
+
+def _post_steps(tensors: list[OutputTensor], steps: list[LiNeS]) -> list[OutputTensor]:
+    """Fold the post-steps' per-layer scales into each tensor's `lambda` (recipe/post.py says why).
+    Layers count per layer stack (prefix), over the output model."""
+    stacks: dict[str, int] = {}
+    for t in tensors:
+        if (p := arch.parse_layer_name(t.name)) is not None:
+            stacks[p.prefix] = max(stacks.get(p.prefix, 0), p.index + 1)
+    out = []
+    for t in tensors:
+        p = arch.parse_layer_name(t.name)
+        scale = 1.0
+        for step in steps:
+            scale *= step.scale(None, 0) if p is None else step.scale(p.index, stacks[p.prefix])
+        out.append(replace(t, params={**t.params, "lambda": t.params["lambda"] * scale}))
+    return out
 
 
 def referenced_models(config: MergeConfig) -> list[ModelRef]:
