@@ -258,6 +258,42 @@ models:
         1,
         None,
     ),
+    "tsv": Method(  # whole-tensor: an SVD per matrix, far from the memory-speed limit by nature
+        """merge_method: tsv
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        2,
+        None,
+    ),
+    "iso_c": Method(  # whole-tensor: an SVD per matrix, far from the memory-speed limit by nature
+        """merge_method: iso_c
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        2,
+        None,
+    ),
+    "iso_cts": Method(  # whole-tensor: an SVD per matrix, far from the memory-speed limit by nature
+        """merge_method: iso_cts
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+  - model: {ft2}
+  - model: {ft3}
+""",
+        2,
+        None,
+    ),
 }
 
 

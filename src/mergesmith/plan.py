@@ -8,11 +8,12 @@ plan can be printed, tested and checked (`--dry-run`) before a byte of weights i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergesmith.errors import MergeError, did_you_mean
 from mergesmith.methods.registry import MergeMethod, get_method
+from mergesmith.recipe.post import LiNeS, parse_post
 from mergesmith.recipe.schema import MergeConfig, SliceSource
 from mergesmith.recipe.settings import Setting, parse_setting, reader_for
 from mergesmith.sources import arch
@@ -177,6 +178,7 @@ class _Planner:
         self.structure = self._structure(self.donor)
         self._check_same_structure()
         self.parts = self._normalise()
+        self.post = parse_post(config.post, m.name, m.params)
 
     def _check_same_structure(self) -> None:
         """Every model must have the donor's modules and stacks, or layers would be matched wrongly."""
@@ -353,6 +355,8 @@ class _Planner:
             n, origin = self._plan_part(part, tensors)
             counts[part.module] = (n, origin)
         self._check_all_taken(tensors)
+        if self.post:
+            tensors = _post_steps(tensors, self.post)
         updates = self._config_updates(self.donor, tensors, counts)
         structure = self.structure.describe()
         if self.structure.found_by.startswith("name patterns") and len(self.structure.stacks) > 1:
@@ -628,6 +632,23 @@ def _vocab_keys(cfg: Mapping[str, Any]) -> list[str]:
     if isinstance(text, dict):
         found += [f"text_config.{k}" for k in arch.VOCAB_KEYS if isinstance(text.get(k), int)]
     return found
+
+
+def _post_steps(tensors: list[OutputTensor], steps: list[LiNeS]) -> list[OutputTensor]:
+    """Fold the post-steps' per-layer scales into each tensor's `lambda` (recipe/post.py says why).
+    Layers count per layer stack (prefix), over the output model."""
+    stacks: dict[str, int] = {}
+    for t in tensors:
+        if (p := arch.parse_layer_name(t.name)) is not None:
+            stacks[p.prefix] = max(stacks.get(p.prefix, 0), p.index + 1)
+    out = []
+    for t in tensors:
+        p = arch.parse_layer_name(t.name)
+        scale = 1.0
+        for step in steps:
+            scale *= step.scale(None, 0) if p is None else step.scale(p.index, stacks[p.prefix])
+        out.append(replace(t, params={**t.params, "lambda": t.params["lambda"] * scale}))
+    return out
 
 
 def referenced_models(config: MergeConfig) -> list[ModelRef]:

@@ -4,6 +4,7 @@ from mergesmith.methods import (  # noqa: F401
     arcee_fusion,
     breadcrumbs,
     della,
+    iso,
     karcher,
     linear,
     model_stock,
@@ -15,6 +16,7 @@ from mergesmith.methods import (  # noqa: F401
     sce,
     slerp,
     task_arithmetic,
+    tsv,
 )
 from mergesmith.methods.registry import METHODS, REQUIRED, MergeMethod, PerModel, get_method, merge_method
 

@@ -93,6 +93,7 @@ class MergeConfig(RecipeModel):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None  # a stage name in multi-stage recipes
+    post: list[Any] | None = None  # post-steps on the merged task vector (recipe/post.py)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -101,15 +101,17 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
         click.echo(f"pareto front: {len(result.front)} candidates -> {Path(storage_path) / 'pareto_front.json'}")
     if holdout:
         from mergesmith.search.inmemory import InMemoryMerger
+        from mergesmith.search.report import holdout_report
+        from mergesmith.search.storage import Storage
 
         merger = InMemoryMerger(best["recipe"], holdout, device=options.device)
         held = merger.score(best["recipe"]).scores
-        click.echo("search tasks:  " + scores)
-        click.echo("holdout tasks: " + ", ".join(f"{k} {v:.6g}" for k, v in held.items()))
-        from mergesmith.search.storage import Storage
-
+        weights = [t.weight for t in prepared.tasks]
+        lines, record = holdout_report(best["scores"], held, weights, definition.fitness)
+        for line in lines:
+            click.echo(line)
         Storage(storage_path).write_json(
-            "holdout.json", {"index": best["index"], "search": best["scores"], "holdout": held}
+            "holdout.json", {"index": best["index"], "search": best["scores"], "holdout": held, **record}
         )
     if opts["save_final_model"]:
         import yaml

@@ -1,10 +1,13 @@
 """The search genome (mergekit-evolve's format, SPEC section 7) and the genotype -> recipe decoding.
 
-A genotype is a float array of shape `(groups, models, len(filters) + 1, params)`: one value per
-layer group, searched model, filter (the last entry is the unfiltered default) and searched
-parameter (`weight`, then whichever of `density`, `gamma`, `epsilon` the method takes). Decoding is
-pure: it returns a plain recipe mapping that `mergesmith run` accepts, with every value rounded so
-the recipe written to disk is exactly the one that was scored.
+A genotype is a float array: first one value per layer group, searched model, filter (the last
+entry is the unfiltered default) and searched per-model parameter (`weight`, then whichever of
+`density`, `gamma`, `epsilon` the method reads: a parameter the method declares inert, like
+`task_arithmetic`'s `density`, gets no gene), shape `(groups, models, len(filters) + 1, params)`;
+then the global genes: `lambda` (`search_lambda`), LiNeS' `alpha` and `beta` (`search_lines`).
+Every gene has search bounds (`Genome.bounds`): the optimisers start at their centre and step a
+fraction of their width. Decoding is pure: it returns a plain recipe mapping that `mergesmith run`
+accepts, with every value rounded so the recipe written to disk is exactly the one that was scored.
 """
 
 from __future__ import annotations
@@ -12,16 +15,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergesmith.errors import MergeError
 from mergesmith.recipe.schema import validation_error_to_merge_error
+from mergesmith.search.fitness import AGGREGATIONS, DEFAULT
 
 #: Per-model parameters the genome searches, in genotype order, with their decoding bounds.
 SEARCHED = {"weight": (0.0, math.inf), "density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 0.5)}
+#: Where the optimisers look, per gene (weights in [-1, 1] with `allow_negative_weights`).
+BOUNDS = {
+    "weight": (0.0, 1.0),
+    "density": (0.0, 1.0),
+    "gamma": (0.0, 0.2),
+    "epsilon": (0.0, 0.2),
+    "lambda": (0.0, 2.0),
+    "lines_alpha": (0.0, 1.5),
+    "lines_beta": (0.0, 1.5),
+}
 DIGITS = 6  # decoded values are rounded: the recipe on disk is the recipe that was scored
 
 
@@ -41,6 +55,7 @@ class GenomeDefinition(_Strict):
     smooth: bool = False
     dtype: str = "bfloat16"  # mergesmith extension: mergekit-evolve always merges in bfloat16
     search_lambda: bool = False  # mergesmith extension: one more gene, the method's global `lambda`
+    search_lines: bool = False  # mergesmith extension: two more genes, LiNeS' alpha and beta (`post:`)
 
 
 class TaskDefinition(_Strict):
@@ -55,6 +70,7 @@ class TaskDefinition(_Strict):
 class SearchDefinition(_Strict):
     genome: GenomeDefinition
     tasks: list[TaskDefinition] = Field(min_length=1)
+    fitness: Literal[AGGREGATIONS] = DEFAULT  # mergesmith extension: how task scores combine (search/fitness.py)
     # accepted from mergekit-evolve's format and passed to the eval adapter
     limit: int | None = None
     num_fewshot: int | None = None
@@ -100,17 +116,20 @@ class Genome:
                 raise MergeError("smooth is not supported with slerp (each layer group picks two models)", "genome")
         else:
             per_model = method.per_model_params
-            if "weight" not in per_model:
+            if "weight" not in per_model and not (d.search_lambda or d.search_lines):
                 searchable = sorted(n for n, m in METHODS.items() if "weight" in m.per_model_params) + ["slerp"]
                 raise MergeError(
-                    f"{method.name} has no per-model weights to search (searchable: {', '.join(searchable)})",
+                    f"{method.name} has no per-model weights to search (searchable: {', '.join(searchable)};"
+                    " or set search_lambda / search_lines for a method with a lambda)",
                     "genome.merge_method",
                 )
-            params = tuple(p for p in SEARCHED if p in per_model)
+            params = tuple(p for p in SEARCHED if p in per_model and p not in method.inert)
         if method.base == "required" and d.base_model is None and method.name != "slerp":
             raise MergeError(f"{method.name} needs a base_model", "genome.base_model")
         if d.search_lambda and "lambda" not in method.global_params:
             raise MergeError(f"{method.name} has no 'lambda' to search", "genome.search_lambda")
+        if d.search_lines and "lambda" not in method.global_params:
+            raise MergeError(f"LiNeS scales a merged task vector; {method.name} has none", "genome.search_lines")
         if d.layer_granularity < 0:
             raise MergeError("layer_granularity must be 0 (one group) or a positive layer count", "genome")
         if d.layer_granularity > 0 and num_layers % d.layer_granularity != 0:
@@ -136,17 +155,38 @@ class Genome:
         return (groups, len(self.searched_models), len(self.definition.filters or []) + 1, len(self.params))
 
     @property
+    def global_genes(self) -> tuple[str, ...]:
+        d = self.definition
+        return (("lambda",) if d.search_lambda else ()) + (("lines_alpha", "lines_beta") if d.search_lines else ())
+
+    @property
     def size(self) -> int:
-        return int(np.prod(self.shape)) + (1 if self.definition.search_lambda else 0)
+        return int(np.prod(self.shape)) + len(self.global_genes)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's search range (`BOUNDS`), in genotype order: (lows, highs)."""
+        lo, hi = np.empty(self.shape), np.empty(self.shape)
+        for k, p in enumerate(self.params):
+            lo[..., k], hi[..., k] = BOUNDS[p]
+            if p == "weight" and self.definition.allow_negative_weights:
+                lo[..., k] = -1.0
+        extra = [BOUNDS[g] for g in self.global_genes]
+        lows = np.concatenate([lo.ravel(), [b[0] for b in extra]])
+        highs = np.concatenate([hi.ravel(), [b[1] for b in extra]])
+        return lows, highs
 
     def initial(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """mergekit-evolve's start: weight 1/#models, other parameters 1 (or U(0,1) with `random_init`)."""
-        extra = [1.0] if self.definition.search_lambda else []
+        """The centre of every gene's bounds (uniform in them with `random_init`). Signed weights
+        start at 0.5, not at their centre 0: a merge of zero weights is no merge at all."""
+        lows, highs = self.bounds()
         if rng is not None:
-            return np.concatenate([rng.uniform(0.0, 1.0, self.shape).ravel(), extra])
-        x = np.ones(self.shape)
-        x[..., 0] = 1.0 / len(self.searched_models)
-        return np.concatenate([x.ravel(), extra])
+            return rng.uniform(lows, highs)
+        x = (lows + highs) / 2
+        if self.definition.allow_negative_weights and "weight" in self.params:
+            w = np.zeros(self.shape, dtype=bool)
+            w[..., self.params.index("weight")] = True
+            x[: w.size][w.ravel()] = 0.5
+        return x
 
     def decode_values(self, flat: np.ndarray) -> np.ndarray:
         """Genes -> parameter values: |x| (weights keep their sign if allowed), clamped to each bound."""
@@ -169,7 +209,7 @@ class Genome:
             body = self._slerp(values)
         elif self.shape[0] == 1 or d.smooth:
             models = self.searched_models
-            body = {"models": [{"model": m, "parameters": self._model_params(values, i)} for i, m in enumerate(models)]}
+            body = {"models": [self._entry(m, self._model_params(values, i)) for i, m in enumerate(models)]}
         else:
             body = {"slices": [self._slice(values, g) for g in range(self.shape[0])]}
         recipe: dict[str, Any] = {"merge_method": d.merge_method, **body}
@@ -184,12 +224,16 @@ class Genome:
         parameters: dict[str, Any] = {}
         if normalize is not None and "normalize" in globals_:
             parameters["normalize"] = normalize
-        if "int8_mask" in globals_:
-            parameters["int8_mask"] = True
-        if d.search_lambda:
-            parameters["lambda"] = round(abs(float(flat[-1])), DIGITS)
+        genes = dict(
+            zip(self.global_genes, np.asarray(flat, dtype=np.float64)[int(np.prod(self.shape)) :], strict=True)
+        )
+        if "lambda" in genes:
+            parameters["lambda"] = round(abs(float(genes["lambda"])), DIGITS)
         if parameters:
             recipe["parameters"] = parameters
+        if "lines_alpha" in genes:
+            alpha, beta = (round(abs(float(genes[g])), DIGITS) for g in ("lines_alpha", "lines_beta"))
+            recipe["post"] = [{"lines": {"alpha": alpha, "beta": beta}}]
         recipe["dtype"] = d.dtype
         if d.tokenizer_source is not None:
             recipe["tokenizer_source"] = d.tokenizer_source
@@ -208,6 +252,10 @@ class Genome:
             return one(0)
         return [{"filter": flt, "value": one(f)} for f, flt in enumerate(filters)] + [{"value": one(len(filters))}]
 
+    @staticmethod
+    def _entry(model: str, params: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"model": model, **more, **({"parameters": params} if params else {})}
+
     def _model_params(self, values: np.ndarray, model: int, group: int | None = None) -> dict[str, Any]:
         return {p: self._value(values, model, k, group) for k, p in enumerate(self.params)}
 
@@ -215,7 +263,7 @@ class Genome:
         g = self.granularity
         rng = [group * g, (group + 1) * g]
         sources = [
-            {"model": m, "layer_range": list(rng), "parameters": self._model_params(values, i, group)}
+            self._entry(m, self._model_params(values, i, group), layer_range=list(rng))
             for i, m in enumerate(self.searched_models)
         ]
         base = self.definition.base_model

@@ -24,8 +24,7 @@ from mergesmith.sources.reader import TensorSource, open_sources
 
 @dataclass
 class Scored:
-    scores: dict[str, float]  # task label -> metric
-    fitness: float  # sum of weight * metric
+    scores: dict[str, float]  # task label -> metric (the runner aggregates them: search/fitness.py)
     seconds: float
 
 
@@ -84,10 +83,7 @@ class InMemoryMerger:
         start = time.perf_counter()
         self.load_weights(recipe)
         scores: dict[str, float] = {}
-        fitness = 0.0
         with torch.no_grad():
             for task, label in zip(self.tasks, self.labels, strict=True):
-                value = task.score(self.model, self.tokenizer)
-                scores[label] = value
-                fitness += task.weight * value
-        return Scored(scores, fitness, time.perf_counter() - start)
+                scores[label] = task.score(self.model, self.tokenizer)
+        return Scored(scores, time.perf_counter() - start)

@@ -25,16 +25,32 @@ class Optimizer(Protocol):
         """`scores[i]` are candidate i's objectives (all maximised): [fitness] or one per task."""
 
 
-class CMAES:
-    """`cma.CMAEvolutionStrategy` maximising the fitness (cma minimises: it is told -fitness)."""
+Bounds = tuple[np.ndarray, np.ndarray]  # each gene's (lows, highs): `Genome.bounds`
 
-    def __init__(self, x0: np.ndarray, seed: int, sigma0: float = 1 / 6, popsize: int | None = None) -> None:
+#: CMA-ES' initial step, as a fraction of each gene's range: wide enough that the first
+#: generations see the landscape, narrow enough that they rarely sit on a bound.
+STEP = 0.2
+
+
+class CMAES:
+    """`cma.CMAEvolutionStrategy` maximising the fitness (cma minimises: it is told -fitness), kept
+    inside the genes' bounds, with a step of `STEP` times each gene's range."""
+
+    def __init__(self, x0: np.ndarray, bounds: Bounds, seed: int, popsize: int | None = None) -> None:
         import cma
 
-        opts = {"seed": seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0}  # cma treats seed 0 as "random"
+        lows, highs = bounds
+        opts = {
+            "seed": seed + 1,  # cma treats seed 0 as "random"
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+            "bounds": [list(lows), list(highs)],
+            "CMA_stds": list(np.maximum(highs - lows, 1e-12)),
+        }
         if popsize:
             opts["popsize"] = popsize
-        self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+        self.es = cma.CMAEvolutionStrategy(list(x0), STEP, opts)
 
     def ask(self) -> list[np.ndarray]:
         return [np.asarray(x, dtype=np.float64) for x in self.es.ask()]
@@ -44,14 +60,15 @@ class CMAES:
 
 
 class RandomSearch:
-    """Uniform samples in [0, 1] per gene ([-1, 1] where negative weights are allowed)."""
+    """Uniform samples within each gene's bounds."""
 
-    def __init__(self, size: int, seed: int, low: float = 0.0, popsize: int = 8) -> None:
+    def __init__(self, bounds: Bounds, seed: int, popsize: int = 8) -> None:
         self.rng = np.random.default_rng(seed)
-        self.size, self.low, self.popsize = size, low, popsize
+        self.lows, self.highs = bounds
+        self.popsize = popsize
 
     def ask(self) -> list[np.ndarray]:
-        return [self.rng.uniform(self.low, 1.0, self.size) for _ in range(self.popsize)]
+        return [self.rng.uniform(self.lows, self.highs) for _ in range(self.popsize)]
 
     def tell(self, xs: list[np.ndarray], scores: Sequence[Sequence[float]]) -> None:
         pass
@@ -60,13 +77,14 @@ class RandomSearch:
 class Pareto:
     """optuna's NSGA-II over one objective per task, every objective maximised."""
 
-    def __init__(self, size: int, objectives: int, seed: int, low: float = 0.0, popsize: int = 16) -> None:
+    def __init__(self, bounds: Bounds, objectives: int, seed: int, popsize: int = 16) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.NSGAIISampler(population_size=popsize, seed=seed)
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=sampler)
-        self.size, self.low, self.popsize = size, low, popsize
+        self.lows, self.highs = bounds
+        self.popsize = popsize
         self._trials: list = []
 
     def ask(self) -> list[np.ndarray]:
@@ -74,7 +92,10 @@ class Pareto:
         xs = []
         for _ in range(self.popsize):
             trial = self.study.ask()
-            xs.append(np.array([trial.suggest_float(f"x{i}", self.low, 1.0) for i in range(self.size)]))
+            genes = zip(self.lows, self.highs, strict=True)
+            xs.append(
+                np.array([trial.suggest_float(f"x{i}", float(lo), float(hi)) for i, (lo, hi) in enumerate(genes)])
+            )
             self._trials.append(trial)
         return xs
 
@@ -84,13 +105,12 @@ class Pareto:
 
 
 def make_optimizer(
-    name: str, x0: np.ndarray, seed: int, objectives: int, allow_negative: bool, popsize: int | None
+    name: str, x0: np.ndarray, bounds: Bounds, seed: int, objectives: int, popsize: int | None
 ) -> Optimizer:
-    low = -1.0 if allow_negative else 0.0
     if name == "cmaes":
-        return CMAES(x0, seed, popsize=popsize)
+        return CMAES(x0, bounds, seed, popsize=popsize)
     if name == "random":
-        return RandomSearch(len(x0), seed, low, popsize or 8)
+        return RandomSearch(bounds, seed, popsize or 8)
     if name == "pareto":
-        return Pareto(len(x0), objectives, seed, low, popsize or 16)
+        return Pareto(bounds, objectives, seed, popsize or 16)
     raise MergeError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})", "--optimizer")

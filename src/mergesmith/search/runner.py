@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mergesmith.errors import MergeError
+from mergesmith.search.fitness import aggregate
 from mergesmith.search.genome import Genome, SearchDefinition
 from mergesmith.search.inmemory import Scored
 from mergesmith.search.optimizers import make_optimizer
@@ -123,9 +124,7 @@ def run_search(
     cache = {recipe_key(e["recipe"]): e for e in history}
     rng = np.random.default_rng(options.seed) if definition.random_init else None
     x0 = genome.initial(rng)
-    optimizer = make_optimizer(
-        options.optimizer, x0, options.seed, len(tasks), genome.definition.allow_negative_weights, options.popsize
-    )
+    optimizer = make_optimizer(options.optimizer, x0, genome.bounds(), options.seed, len(tasks), options.popsize)
     objective = (lambda e: e["objectives"]) if options.optimizer == "pareto" else (lambda e: [e["fitness"]])
     workers: SerialWorkers | RayWorkers | None = None
     start = time.monotonic()
@@ -171,13 +170,14 @@ def run_search(
 
             def record(job: Job, scored: Scored, gen: int = generation, results: dict = results) -> None:
                 nonlocal best, done, evaluated
+                values = list(scored.scores.values())
                 entry = {
                     "index": job.index,
                     "generation": gen,
                     "recipe": job.recipe,
                     "scores": scored.scores,
-                    "objectives": [w * v for w, v in zip(weights, scored.scores.values(), strict=True)],
-                    "fitness": scored.fitness,
+                    "objectives": [w * v for w, v in zip(weights, values, strict=True)],
+                    "fitness": aggregate(values, weights, definition.fitness),
                     "seconds": round(scored.seconds, 4),
                     "cached": False,
                 }

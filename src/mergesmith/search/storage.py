@@ -109,7 +109,7 @@ class Storage:
         ax.plot(xs, raw, ".", alpha=0.3, label="candidate")
         ax.plot(xs, best, "-", label="best so far")
         ax.set_xlabel("evaluations")
-        ax.set_ylabel("fitness (sum of weight x metric)")
+        ax.set_ylabel("fitness (the genome's aggregation of the task scores)")
         ax.legend()
         fig.tight_layout()
         tmp = self.dir / ".progress.png.tmp"

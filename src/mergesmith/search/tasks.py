@@ -8,7 +8,8 @@ tasks come in three forms:
 - `path: tasks.jsonl` or an lm-eval YAML, or `name: some_task`: scored by `mergesmith eval`'s
   in-memory API (imported lazily, so the search itself does not need it).
 
-The search maximises `sum(weight * metric)` over tasks, or keeps the Pareto front over them.
+The search maximises an aggregate of the weighted task scores (`fitness:`, search/fitness.py), or
+keeps the Pareto front over them.
 """
 
 from __future__ import annotations
