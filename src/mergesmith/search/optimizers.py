@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from mergesmith.errors import MergeError
+from mergesmith.extras import require
 
 OPTIMIZERS = ("cmaes", "random", "pareto")
 
@@ -29,7 +30,7 @@ class CMAES:
     """`cma.CMAEvolutionStrategy` maximising the fitness (cma minimises: it is told -fitness)."""
 
     def __init__(self, x0: np.ndarray, seed: int, sigma0: float = 1 / 6, popsize: int | None = None) -> None:
-        import cma
+        cma = require("cma", "the cmaes optimiser of mergesmith search", "--optimizer")
 
         opts = {"seed": seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0}  # cma treats seed 0 as "random"
         if popsize:
@@ -61,7 +62,7 @@ class Pareto:
     """optuna's NSGA-II over one objective per task, every objective maximised."""
 
     def __init__(self, size: int, objectives: int, seed: int, low: float = 0.0, popsize: int = 16) -> None:
-        import optuna
+        optuna = require("optuna", "the pareto optimiser of mergesmith search", "--optimizer")
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.NSGAIISampler(population_size=popsize, seed=seed)
