@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergesmith.engine.executor import Executor
-from mergesmith.errors import MergeError
+from mergesmith.errors import InputChangedError, MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
@@ -188,7 +188,13 @@ def run_merge(
         audit.journal.remove()
         staged.commit()
     except BaseException as err:
-        if audit is not None and (audit.write_failed or not isinstance(err, Exception)) and audit.journal.done:
+        if isinstance(err, InputChangedError):
+            log.warning(
+                "an input file changed during the merge; the unfinished output is kept in %s: delete it, or"
+                " run again once the input is whole",
+                staged.staging,
+            )
+        elif audit is not None and (audit.write_failed or not isinstance(err, Exception)) and audit.journal.done:
             log.warning(
                 "the finished shards are kept in %s: run the same command with --resume to reuse them, or delete it",
                 staged.staging,
