@@ -289,7 +289,7 @@ def methods(name: str | None) -> None:
 @click.argument("workdir", type=click.Path(file_okay=False), default="mergesmith-demo")
 @user_errors
 def demo(workdir: str) -> None:
-    """Build tiny models locally, TIES-merge them, load the result with transformers and generate."""
+    """Train two tiny fine-tunes on two skills, TIES-merge them, load the result with transformers and generate."""
     from pathlib import Path
 
     from mergesmith.demo import run_demo

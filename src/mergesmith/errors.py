@@ -21,6 +21,13 @@ class MergeError(Exception):
         return f"{self.where}: {self.message}" if self.where else self.message
 
 
+class InputChangedError(MergeError):
+    """An input file changed under a running merge (truncated or rewritten by another process).
+
+    A MergeError like any other, but the merge keeps its staging directory rather than deleting it:
+    the inputs, not the output, are what went wrong."""
+
+
 def edit_distance(a: str, b: str) -> int:
     """Optimal string alignment distance: insertions, deletions, substitutions, transpositions."""
     prev2: list[int] = []

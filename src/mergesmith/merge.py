@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergesmith.engine.executor import Executor
-from mergesmith.errors import MergeError
+from mergesmith.errors import InputChangedError, MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
@@ -18,7 +18,8 @@ from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
 from mergesmith.recipe.leniency import check_recipe, enforce
 from mergesmith.recipe.schema import MergeConfig
-from mergesmith.reliability.audit import Audit, finish_report, open_audit
+from mergesmith.reliability.audit import Audit, finish_report, merge_fingerprint, open_audit
+from mergesmith.reliability.resume import finished_problem, record_finished
 from mergesmith.sources.model import ModelInfo, load_model_info
 from mergesmith.sources.reader import open_sources
 from mergesmith.sources.refs import parse_ref
@@ -57,8 +58,11 @@ class MergeSummary:
     peak_rss: int
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the audit summary, shown after `line()`
+    already_complete: bool = False  # --resume found OUT already holding this merge; nothing was written
 
     def line(self) -> str:
+        if self.already_complete:
+            return f"already complete: {self.out} holds this merge ({len(self.files)} shards checked); nothing to do"
         gb = 1e9
         return (
             f"merged in {self.seconds:.1f} s: read {self.bytes_read / gb:.2f} GB, wrote {self.bytes_written / gb:.2f} GB"
@@ -175,7 +179,9 @@ def run_merge(
     options = options or MergeOptions()
     start = time.perf_counter()
     staged = StagedOutput(Path(out), options.overwrite)
-    staged.check()
+    finished = options.resume and not options.overwrite and staged.has_files()
+    if not finished:
+        staged.check()
     plan, models = prepare(config, options)
     distributed = bool(options.workers or options.ray_address)
     if distributed:
@@ -189,6 +195,8 @@ def run_merge(
                 "--workers",
             )
         plan = plan_transform(plan, models)
+    if finished:
+        return already_complete(staged.out, plan, models, recipe_text, options, start)
     for w in plan.warnings:
         log.warning(w)
     if on_plan is not None:
@@ -205,10 +213,17 @@ def run_merge(
         files = write(plan, models, directory, config, options, progress, audit)
         write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
         notes = finish_report(directory, plan, models, audit, options.random_seed or 0)
+        record_finished(directory, audit.journal)
         audit.journal.remove()
         staged.commit()
     except BaseException as err:
-        if audit is not None and (audit.write_failed or not isinstance(err, Exception)) and audit.journal.done:
+        if isinstance(err, InputChangedError):
+            log.warning(
+                "an input file changed during the merge; the unfinished output is kept in %s: delete it, or"
+                " run again once the input is whole",
+                staged.staging,
+            )
+        elif audit is not None and (audit.write_failed or not isinstance(err, Exception)) and audit.journal.done:
             log.warning(
                 "the finished shards are kept in %s: run the same command with --resume to reuse them, or delete it",
                 staged.staging,
@@ -225,4 +240,30 @@ def run_merge(
         peak_rss=peak_rss_bytes(),
         warnings=plan.warnings,
         notes=notes,
+    )
+
+
+def already_complete(
+    out: Path, plan: Plan, models: dict[str, ModelInfo], recipe_text: str, options: MergeOptions, start: float
+) -> MergeSummary:
+    """`--resume` on a non-empty OUT: succeed, writing nothing, when OUT is already this merge, whole.
+
+    A rerun of a script, or a kill that came after the staging directory moved into place, must not
+    fail (nor redo hours of work); anything else in OUT is refused as without --resume."""
+    shards, print_ = merge_fingerprint(plan, models, options)
+    problem = finished_problem(out, shards, print_, recipe_text)
+    if problem is not None:
+        raise MergeError(
+            f"--resume: the output directory is not this merge, complete ({problem}); pass --overwrite to replace it",
+            str(out),
+        )
+    log.info("--resume: %s already holds this merge", out)
+    return MergeSummary(
+        out=out,
+        files=[s.file for s in shards],
+        seconds=time.perf_counter() - start,
+        bytes_read=0,
+        bytes_written=0,
+        peak_rss=peak_rss_bytes(),
+        already_complete=True,
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mergesmith.errors import InputChangedError
 from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
 from mergesmith.sources.reader import TensorReader, TensorSource
@@ -114,17 +115,6 @@ class MappedFiles:
         if where is not None:
             self._drop(where[0], where[1], t.numel() * t.element_size())
 
-    def mapped(self, entry: Entry, start: int, nbytes: int) -> np.ndarray:
-        """Bytes `start` .. `start + nbytes` of tensor `entry`, as a read-only view of the file's map:
-        no copy (`drop` them after use)."""
-        assert start + nbytes <= entry.nbytes
-        mm = self._files[entry.path][0]
-        return mm[entry.offset + start : entry.offset + start + nbytes]
-
-    def drop(self, entry: Entry, start: int, nbytes: int) -> None:
-        """`release` for bytes of `entry` read through `mapped`."""
-        self._drop(entry.path, entry.offset + start, nbytes)
-
     def _drop(self, path: Path, offset: int, nbytes: int) -> None:
         mm = self._files[path][0]
         lo = offset // PAGE * PAGE
@@ -168,14 +158,35 @@ class MappedFiles:
         return t.view(torch.bfloat16) if entry.dtype == "bfloat16" else t
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, where: str) -> None:
-    """Fill `view` (bytes) from file descriptor `fd` at `offset`; `where` names the file in errors."""
+def pread_exact(fd: int, view: memoryview, offset: int, where: str | None = None) -> None:
+    """Fill `view` (bytes) from file descriptor `fd` at `offset`; `where` names the file in errors.
+
+    Reads of input tensors go through here, not through their memory maps: a file truncated by
+    another process mid-merge then gives a short read, reported naming the file, where touching the
+    map past the file's new end would kill the process with SIGBUS."""
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise InputChangedError(f"cannot read the file ({err.strerror})", where or fd_path(fd)) from None
         if got <= 0:
-            raise OSError(f"short read from {where}")
+            size = os.fstat(fd).st_size
+            raise InputChangedError(
+                f"the file ended early: it is {size} bytes now, but the merge needs bytes up to"
+                f" {offset + len(view)}; it was truncated or replaced while the merge read it"
+                " (the output is left staged; restore the file and run again)",
+                where or fd_path(fd),
+            )
         done += got
+
+
+def fd_path(fd: int) -> str:
+    """The file that descriptor `fd` reads, for messages (Linux's /proc; else the number)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"input file descriptor {fd}"
 
 
 def read_entries(

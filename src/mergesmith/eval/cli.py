@@ -6,6 +6,7 @@ import click
 
 from mergesmith.cli import main, setup_logging, user_errors
 from mergesmith.errors import MergeError
+from mergesmith.extras import require
 
 
 @main.command(name="eval")
@@ -43,6 +44,8 @@ def eval_command(models: tuple[str, ...], tasks: tuple[str, ...], **opts: object
     setup_logging(int(opts["verbose"]))
     if opts["plot"] and not str(opts["plot"]).lower().endswith(".png"):
         raise MergeError("the plot is written as PNG: give a file name ending in .png", "--plot")
+    if opts["plot"]:
+        require("matplotlib", "mergesmith eval --plot", "--plot")  # before any model is scored
     device = pick_device(str(opts["device"]))
     task_list = load_tasks(list(tasks))  # every file and task name checked before a model loads
     console = Console(stderr=True)

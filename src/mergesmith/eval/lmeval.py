@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.extras import require
 
 BOOTSTRAP_ITERS = 1000  # mean metrics get closed-form stderrs; others (bleu, f1) a short bootstrap
 
 
 def _import_lm_eval() -> Any:
-    try:
-        import lm_eval
-    except ImportError:
-        raise MergeError("lm-eval tasks need lm-eval-harness: pip install 'mergesmith[eval]'", "--task") from None
+    lm_eval = require("lm_eval", "an lm-eval task", "--task")
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return lm_eval

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.errors import MergeError
+from mergesmith.extras import require
 from mergesmith.sources.model import resolve_directory
 from mergesmith.sources.refs import ModelRef, parse_ref
 
@@ -32,10 +33,7 @@ def _torch_dtype(dtype: str) -> Any:
 
 def _apply_adapter(model: Any, adapter: Path) -> Any:
     """base + LoRA adapter: folded into the weights with peft, so scoring runs at the base's speed."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise MergeError("a base+adapter reference needs peft: pip install peft", str(adapter)) from None
+    PeftModel = require("peft", "a base+adapter reference", str(adapter)).PeftModel
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from mergesmith.eval.runner import EvalReport
+from mergesmith.extras import require
 
 
 def _cell(score: float, stderr: float) -> str:
@@ -39,8 +40,7 @@ def write_json(report: EvalReport, path: str | Path) -> None:
 
 def plot(report: EvalReport, path: str | Path) -> None:
     """Grouped bars: one group per task (primary metric), one bar per model, stderr as error bars."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "mergesmith eval --plot", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -331,7 +331,7 @@ class ShardWriter:
             self._unorder(file)
             if src is not None:
                 raw = bytearray(nbytes)
-                pread_exact(src[0], memoryview(raw), src[1], f"input descriptor {src[0]}")
+                pread_exact(src[0], memoryview(raw), src[1])
                 data = raw
             _pwrite(file.fd, data, offset, file.path)
             return [memoryview(data).cast("B")]
@@ -349,7 +349,7 @@ class ShardWriter:
             n = min(BLOCK - file.fill, nbytes - pos)
             a = file.fill
             if source is None:
-                pread_exact(src[0], file.block.view[a : a + n], src[1] + pos, f"input descriptor {src[0]}")
+                pread_exact(src[0], file.block.view[a : a + n], src[1] + pos)
             else:
                 file.block.array[a : a + n] = source[pos : pos + n]
             filled.append(file.block.view[a : a + n])

@@ -16,6 +16,9 @@ class StagedOutput:
         self.staging = self.out.parent / f".{self.out.name}.mergesmith-partial"
         self.overwrite = overwrite
 
+    def has_files(self) -> bool:
+        return self.out.is_dir() and any(self.out.iterdir())
+
     def check(self) -> None:
         """Refuse a target that would lose the user's files (before any work is done)."""
         if self.out.exists():

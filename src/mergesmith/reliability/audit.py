@@ -159,10 +159,15 @@ class Audit:
 
 def open_audit(directory: Path, plan: Plan, models: dict[str, ModelInfo], options: Any) -> Audit:
     """Lay out the shards, read (with `options.resume`) or start the journal, and audit what is written."""
-    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
-    seed = options.random_seed or 0
-    journal = ShardJournal(directory, shards, fingerprint(plan, shards, models, seed, options.device), options.resume)
+    shards, print_ = merge_fingerprint(plan, models, options)
+    journal = ShardJournal(directory, shards, print_, options.resume)
     return Audit(journal, options.allow_nonfinite)
+
+
+def merge_fingerprint(plan: Plan, models: dict[str, ModelInfo], options: Any) -> tuple[list[Shard], str]:
+    """The output's shard layout and the fingerprint of the merge that fills it."""
+    shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
+    return shards, fingerprint(plan, shards, models, options.random_seed or 0, options.device)
 
 
 def account_inputs(plan: Plan, models: dict[str, ModelInfo]) -> dict[str, Any]:

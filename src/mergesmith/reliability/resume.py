@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from mergesmith.output.report import REPORT, update_report
 from mergesmith.output.shards import PARTIAL, Shard, file_digest, write_index
 from mergesmith.plan import Plan
 from mergesmith.sources.model import ModelInfo
@@ -25,6 +26,7 @@ from mergesmith.sources.model import ModelInfo
 log = logging.getLogger("mergesmith")
 
 JOURNAL = ".mergesmith-journal.json"
+RECIPE_COPY = "mergesmith_config.yml"
 
 
 def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "") -> str:
@@ -134,3 +136,36 @@ class ShardJournal:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".tmp").unlink(missing_ok=True)
+
+
+def record_finished(directory: Path, journal: ShardJournal) -> None:
+    """Keep the journal's last state (fingerprint, every shard's digest) in merge_report.json.
+
+    The journal file itself goes with the finished merge; this record is what lets `run --resume`
+    recognise an OUT that is already this merge (a script rerun, a kill just after the last write)."""
+    update_report(
+        directory, "resume", {"fingerprint": journal.fingerprint, "shards": dict(sorted(journal.done.items()))}
+    )
+
+
+def finished_problem(out: Path, shards: list[Shard], fingerprint: str, recipe_text: str) -> str | None:
+    """None when `out` holds this merge, complete and unchanged; else why it does not."""
+    try:
+        record = json.loads((out / REPORT).read_text())["resume"]
+        recorded, shard_digests = record["fingerprint"], dict(record["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has no record of a finished mergesmith merge"
+    if recorded != fingerprint:
+        return "it holds a different merge (the recipe's plan, the options or the input files changed)"
+    try:
+        if (out / RECIPE_COPY).read_text() != recipe_text:
+            return f"its {RECIPE_COPY} differs from this recipe"
+    except OSError:
+        return f"its {RECIPE_COPY} is missing"
+    if not (out / "config.json").is_file():
+        return "its config.json is missing"
+    for shard in shards:
+        path = out / shard.file
+        if not path.is_file() or file_digest(path) != shard_digests.get(shard.file):
+            return f"its shard {shard.file} is missing or changed"
+    return None

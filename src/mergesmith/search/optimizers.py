@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from mergesmith.errors import MergeError
+from mergesmith.extras import require
 
 OPTIMIZERS = ("cmaes", "random", "pareto")
 
@@ -37,7 +38,7 @@ class CMAES:
     inside the genes' bounds, with a step of `STEP` times each gene's range."""
 
     def __init__(self, x0: np.ndarray, bounds: Bounds, seed: int, popsize: int | None = None) -> None:
-        import cma
+        cma = require("cma", "the cmaes optimiser of mergesmith search", "--optimizer")
 
         lows, highs = bounds
         opts = {
@@ -78,7 +79,7 @@ class Pareto:
     """optuna's NSGA-II over one objective per task, every objective maximised."""
 
     def __init__(self, bounds: Bounds, objectives: int, seed: int, popsize: int = 16) -> None:
-        import optuna
+        optuna = require("optuna", "the pareto optimiser of mergesmith search", "--optimizer")
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.NSGAIISampler(population_size=popsize, seed=seed)

@@ -86,7 +86,9 @@ class EvalTask:
     """Adapter to `mergesmith eval` (imported lazily): one TASK as `mergesmith eval` accepts it.
 
     Uses eval's in-memory API: `load_tasks([spec])` validates and loads the task once (no model
-    loaded), `task.evaluate(model, tokenizer, limit=...)` scores the resident model.
+    loaded), `task.evaluate(model, tokenizer, limit=...)` scores the resident model. The genome's
+    `limit` is applied there, per evaluation, as `mergesmith eval --limit` applies it: the first
+    `limit` examples of a JSONL file, lm-eval's own `limit` for an lm-eval task.
     """
 
     def __init__(self, spec: str, limit: int | None = None, where: str = "tasks") -> None:
@@ -97,7 +99,7 @@ class EvalTask:
                 "scoring eval tasks needs the `mergesmith eval` package, which this build lacks; use a `python:` task",
                 where,
             ) from None
-        (self.task,) = mse.load_tasks([spec], lm_eval_limit=limit)
+        (self.task,) = mse.load_tasks([spec])
         self.name = self.task.name
         self.limit = limit
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergesmith.errors import MergeError
+from mergesmith.extras import require
 from mergesmith.search.genome import SearchDefinition
 from mergesmith.search.inmemory import InMemoryMerger, Scored
 from mergesmith.search.tasks import WeightedTask, load_tasks
@@ -75,10 +76,7 @@ class RayWorkers:
         cpus_per_worker: int,
         gpus_per_worker: float | None = None,
     ) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise MergeError("--workers > 1 and --ray-address need Ray: pip install 'mergesmith[search]'") from None
+        ray = require("ray", "mergesmith search with --workers > 1 or --ray-address")
         self.ray = ray
         self._started = False
         if not ray.is_initialized():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 from safetensors import safe_open
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import InputChangedError, MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import ModelInfo
 
@@ -37,16 +38,26 @@ class TensorReader:
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
         self._handles: dict[str, Any] = {}
+        self._sizes: dict[str, int] = {}  # file -> its size when opened
 
     def _handle(self, file: str) -> Any:
         h = self._handles.get(file)
+        path = self.info.directory / file
         if h is None:
-            path = self.info.directory / file
             try:
+                self._sizes[file] = path.stat().st_size
                 h = safe_open(str(path), framework="pt", device="cpu")
             except Exception as err:
                 raise MergeError(f"cannot open safetensors file: {err}", str(path)) from None
             self._handles[file] = h
+        elif _size(path) != self._sizes[file]:
+            # safetensors reads through a memory map: a file truncated since it was opened would end
+            # the process with SIGBUS on the first byte past its new end
+            raise InputChangedError(
+                f"the file changed size during the merge ({self._sizes[file]} -> {_size(path)} bytes):"
+                " truncated or replaced by another process (the output is left staged)",
+                str(path),
+            )
         return h
 
     def get(self, name: str) -> torch.Tensor:
@@ -59,3 +70,10 @@ class TensorReader:
             raise
         except Exception as err:
             raise MergeError(f"cannot read tensor '{name}': {err}", str(self.info.directory / meta.file)) from None
+
+
+def _size(path: os.PathLike[str]) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
