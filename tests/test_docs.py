@@ -221,11 +221,22 @@ def map_refs(node: Any, box: Sandbox, stages: set[str], deep: bool, key: str | N
     return node
 
 
+def _reach(node: Any) -> int:
+    """The largest end of any `layer_range` in `node` (slices up to it need the 32-layer models)."""
+    if isinstance(node, dict):
+        r = node.get("layer_range")
+        own = r[1] if isinstance(r, list) and len(r) == 2 and isinstance(r[1], int) else 0
+        return max([own, *(_reach(v) for v in node.values())])
+    if isinstance(node, list):
+        return max([0, *(_reach(v) for v in node)])
+    return 0
+
+
 def run_yaml(example: Example, box: Sandbox) -> None:
     documents = [d for d in yaml.safe_load_all(example.text) if d is not None]
     assert documents, "an empty YAML example"
     stages = {d["name"] for d in documents if isinstance(d, dict) and "name" in d}
-    mapped = [map_refs(d, box, stages, isinstance(d, dict) and "layer_slices" in d) for d in documents]
+    mapped = [map_refs(d, box, stages, isinstance(d, dict) and "layer_slices" in d or _reach(d) > 4) for d in documents]
     text = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in mapped)
     first = example.text.lstrip().splitlines()[0]
     if m := re.fullmatch(r"#\s*([\w.-]+\.ya?ml)\s*", first):
