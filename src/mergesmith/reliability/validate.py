@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.plan import Plan, parse_block, plan_merge
-from mergesmith.recipe.leniency import Ignored, check_recipe
+from mergesmith.recipe.leniency import Ignored, check_recipe, parameter_blocks
 from mergesmith.recipe.schema import MergeConfig, load_yaml, validation_error_to_merge_error
 from mergesmith.sources import arch
 from mergesmith.sources.hub import load_model_metadata
@@ -224,22 +224,8 @@ def _list(value: Any) -> list[Any]:
 
 
 def _check_parameters(config: MergeConfig, method: MergeMethod, v: Validation) -> None:
-    """Every parameter block, so each misspelt name is reported, not just the first."""
-    blocks: list[tuple[str, Any]] = [("parameters", config.parameters)]
-    for key, block in (config.input_model_parameters or {}).items():
-        blocks.append((f"input_model_parameters.{key}", block))
-    parts = [("", config.models, config.slices)]
-    for name, module in (config.modules or {}).items():
-        blocks.append((f"modules.{name}.parameters", module.parameters))
-        parts.append((f"modules.{name}.", module.models, module.slices))
-    for prefix, models, slices in parts:
-        for i, m in enumerate(models or []):
-            blocks.append((f"{prefix}models[{i}].parameters", m.parameters))
-        for i, s in enumerate(slices or []):
-            blocks.append((f"{prefix}slices[{i}].parameters", s.parameters))
-            for j, src in enumerate(s.sources):
-                blocks.append((f"{prefix}slices[{i}].sources[{j}].parameters", src.parameters))
-    for where, raw in blocks:
+    """Every parameter block, so each bad value is reported, not just the first."""
+    for where, raw, _ in parameter_blocks(config):
         v.guard(where, lambda raw=raw, where=where: parse_block(raw, where, method))
 
 
