@@ -58,3 +58,28 @@ def test_resume_of_a_finished_merge(models: dict[str, Path], tmp_path: Path) -> 
     assert foreign.returncode == 2
     assert "(it has no record of a finished mergesmith merge)" in foreign.stdout
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_the_finished_record_ignores_input_mtimes(models: dict[str, Path], tmp_path: Path) -> None:
+    """Fresh copies of the same inputs (new mtimes) give the same merge_report.json, and a resume still
+    finds the merge complete: the record counts input files by path and size, not by mtime."""
+    import shutil
+
+    from conftest import merge
+
+    inputs = tmp_path / "in"
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(inputs / k), "parameters": {"weight": 0.5}} for k in ("ft1", "ft2")],
+    }
+    reports = []
+    for run in ("a", "b"):
+        shutil.rmtree(inputs, ignore_errors=True)
+        for k in ("ft1", "ft2"):
+            shutil.copytree(models[k], inputs / k)
+        (tmp_path / run).mkdir()
+        merge(recipe, tmp_path / run / "out")
+        reports.append((tmp_path / run / "out" / "merge_report.json").read_bytes())
+    assert reports[0] == reports[1]
+    merge(recipe, tmp_path / "a" / "out", "--resume")  # inputs copied again since `a` was written
+    assert (tmp_path / "a" / "out" / "merge_report.json").read_bytes() == reports[0]

@@ -213,7 +213,7 @@ def run_merge(
         files = write(plan, models, directory, config, options, progress, audit)
         write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
         notes = finish_report(directory, plan, models, audit, options.random_seed or 0)
-        record_finished(directory, audit.journal)
+        record_finished(directory, merge_fingerprint(plan, models, options, mtimes=False)[1], audit.journal)
         audit.journal.remove()
         staged.commit()
     except BaseException as err:
@@ -250,7 +250,7 @@ def already_complete(
 
     A rerun of a script, or a kill that came after the staging directory moved into place, must not
     fail (nor redo hours of work); anything else in OUT is refused as without --resume."""
-    shards, print_ = merge_fingerprint(plan, models, options)
+    shards, print_ = merge_fingerprint(plan, models, options, mtimes=False)
     problem = finished_problem(out, shards, print_, recipe_text)
     if problem is not None:
         raise MergeError(

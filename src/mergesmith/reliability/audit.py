@@ -164,10 +164,12 @@ def open_audit(directory: Path, plan: Plan, models: dict[str, ModelInfo], option
     return Audit(journal, options.allow_nonfinite)
 
 
-def merge_fingerprint(plan: Plan, models: dict[str, ModelInfo], options: Any) -> tuple[list[Shard], str]:
-    """The output's shard layout and the fingerprint of the merge that fills it."""
+def merge_fingerprint(
+    plan: Plan, models: dict[str, ModelInfo], options: Any, mtimes: bool = True
+) -> tuple[list[Shard], str]:
+    """The output's shard layout and the fingerprint of the merge that fills it (see `fingerprint`)."""
     shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
-    return shards, fingerprint(plan, shards, models, options.random_seed or 0, options.device)
+    return shards, fingerprint(plan, shards, models, options.random_seed or 0, options.device, mtimes)
 
 
 def account_inputs(plan: Plan, models: dict[str, ModelInfo]) -> dict[str, Any]:

@@ -29,8 +29,13 @@ JOURNAL = ".mergesmith-journal.json"
 RECIPE_COPY = "mergesmith_config.yml"
 
 
-def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "") -> str:
-    """What makes two runs produce the same shards: the per-tensor plan, the layout, the seed, the inputs."""
+def fingerprint(
+    plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], seed: int, extra: str = "", mtimes: bool = True
+) -> str:
+    """What makes two runs produce the same shards: the per-tensor plan, the layout, the seed, the inputs.
+
+    Without `mtimes` the input files count by path and size only: the record a finished merge keeps in
+    merge_report.json, which must not differ between two runs on copies of the same inputs."""
     h = hashlib.sha256()
     for line in plan.describe():
         h.update(line.encode() + b"\n")
@@ -41,7 +46,8 @@ def fingerprint(plan: Plan, shards: list[Shard], models: dict[str, ModelInfo], s
         info = models[key]
         for file in sorted({m.file for m in info.tensors.values()}):
             st = (info.directory / file).stat()
-            h.update(f"{key}|{info.directory.resolve()}/{file}|{st.st_size}|{st.st_mtime_ns}".encode())
+            when = st.st_mtime_ns if mtimes else ""
+            h.update(f"{key}|{info.directory.resolve()}/{file}|{st.st_size}|{when}".encode())
     return h.hexdigest()
 
 
@@ -138,14 +144,12 @@ class ShardJournal:
         self.path.with_suffix(".tmp").unlink(missing_ok=True)
 
 
-def record_finished(directory: Path, journal: ShardJournal) -> None:
-    """Keep the journal's last state (fingerprint, every shard's digest) in merge_report.json.
+def record_finished(directory: Path, fingerprint: str, journal: ShardJournal) -> None:
+    """Keep the merge's fingerprint (without input mtimes) and every shard's digest in merge_report.json.
 
     The journal file itself goes with the finished merge; this record is what lets `run --resume`
     recognise an OUT that is already this merge (a script rerun, a kill just after the last write)."""
-    update_report(
-        directory, "resume", {"fingerprint": journal.fingerprint, "shards": dict(sorted(journal.done.items()))}
-    )
+    update_report(directory, "resume", {"fingerprint": fingerprint, "shards": dict(sorted(journal.done.items()))})
 
 
 def finished_problem(out: Path, shards: list[Shard], fingerprint: str, recipe_text: str) -> str | None:
