@@ -121,6 +121,10 @@ def test_frankenmerge_grows_only_the_text_stack(zoo, tmp_path, family):
     }
     merge(recipe, tmp_path / "out")
     check_frankenmerge(family, base, ft1, tmp_path / "out")
+    if family in VLMS:  # the audit says why ft1's vision layers are not in the output
+        report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+        (reasons,) = [v["dropped"] for k, v in report["inputs"].items() if k.endswith("ft1")]
+        assert "the output's vision_tower is taken from another model" in reasons.values()
 
 
 def check_frankenmerge(family: str, base: Path, ft1: Path, out_dir: Path) -> None:

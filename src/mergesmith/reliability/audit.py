@@ -25,6 +25,7 @@ from mergesmith.reliability.checks import config_problems, nonfinite_count
 from mergesmith.reliability.resume import ShardJournal, fingerprint
 from mergesmith.sources import arch
 from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
+from mergesmith.sources.structure import Structure, find_structure
 
 Write = Callable[[str, "torch.Tensor"], None]
 
@@ -182,11 +183,12 @@ def account_inputs(plan: Plan, models: dict[str, ModelInfo]) -> dict[str, Any]:
             if use.get((x.model, x.name)) != "merged":
                 use[(x.model, x.name)] = how
             taken_from.setdefault(x.name, set()).add(x.model)
-    layers_used: dict[str, set[int]] = {}
+    structures = {key: find_structure(info.config, info.tensors) for key, info in models.items()}
+    layers_used: dict[tuple[str, str], set[int]] = {}  # (model, stack prefix) -> layers taken
     for key, name in use:
-        p = arch.parse_layer_name(name)
+        p = structures[key].locate(name) if key in structures else None
         if p is not None:
-            layers_used.setdefault(key, set()).add(p.index)
+            layers_used.setdefault((key, p.stack.prefix), set()).add(p.index)
     out_names = {t.name for t in plan.tensors}
     report: dict[str, Any] = {}
     for key, info in sorted(models.items()):
@@ -197,15 +199,26 @@ def account_inputs(plan: Plan, models: dict[str, ModelInfo]) -> dict[str, Any]:
             if how is not None:
                 counts[how] += 1
             else:
-                dropped[name] = _drop_reason(name, key, layers_used.get(key, set()), out_names, taken_from)
+                dropped[name] = _drop_reason(name, key, structures[key], layers_used, out_names, taken_from)
         report[key] = {**counts, "dropped": dropped}
     return report
 
 
-def _drop_reason(name: str, key: str, layers: set[int], out_names: set[str], taken_from: dict[str, set[str]]) -> str:
-    p = arch.parse_layer_name(name)
-    if p is not None and p.index not in layers:
-        return f"layer {p.index} is outside the layer ranges taken from this model"
+def _drop_reason(
+    name: str,
+    key: str,
+    structure: Structure,
+    layers_used: dict[tuple[str, str], set[int]],
+    out_names: set[str],
+    taken_from: dict[str, set[str]],
+) -> str:
+    p = structure.locate(name)
+    if p is not None:
+        used = layers_used.get((key, p.stack.prefix))
+        if not used and p.stack.module != "default":
+            return f"the output's {p.stack.module} is taken from another model"
+        if p.index not in (used or set()):
+            return f"layer {p.index} is outside the layer ranges taken from this model"
     if p is None and name in out_names:
         others = ", ".join(sorted(taken_from.get(name, set()) - {key})) or "another model"
         return f"non-layer tensor; the output takes it from {others}"
