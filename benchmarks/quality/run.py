@@ -1,0 +1,231 @@
+"""Quality benchmark: which merge keeps four fine-tunes' skills, on held-out prompts.
+
+    PYTHONPATH=src:benchmarks/quality python benchmarks/quality/run.py [--root DIR] [--evals 60]
+
+Builds everything here, on the CPU, in a few minutes: a tiny Llama pretrained on all four skills'
+prompt format with random answers (it learns the format, not the skills), four full fine-tunes of
+it, each on one skill (skills.py) until it is ~100% on that skill's validation prompts, then every
+method with its default parameters and tuned on the validation prompts (a small grid), plus a
+`mergesmith search` run, all scored on the test prompts. Prints a markdown table: exact match
+per skill, mean and its standard error (binomial per skill, combined).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from skills import SKILLS, VOCAB, answer_loss, batch, token_accuracy
+
+N_TEST = 512
+
+
+def train(
+    model: Any, skills: tuple[str, ...], steps: int, seed: int, random_answers: bool = False, lr: float = 1e-3
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        skill = skills[step % len(skills)]
+        ids, start = batch(skill, 64, "train", gen)
+        if random_answers:  # the format without the skill: answers are random symbols
+            ids[:, start:] = ids[torch.randperm(len(ids), generator=gen), 1 : 1 + ids.shape[1] - start]
+        loss = answer_loss(model, ids, start)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def build_models(root: Path, steps: int) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    from mergesmith.toymodels import make_base
+
+    out = {"base": root / "base", **{s: root / f"ft-{s}" for s in SKILLS}}
+    if all((p / "config.json").exists() for p in out.values()):
+        return out
+    make_base(root / "init", layers=4, hidden=64, vocab=VOCAB, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(root / "init", dtype=torch.float32)
+    train(model, SKILLS, steps // 2, seed=0, random_answers=True, lr=3e-3)
+    model.save_pretrained(out["base"])
+    _copy_tokenizer(root / "init", out["base"])
+    for i, skill in enumerate(SKILLS):
+        ft = AutoModelForCausalLM.from_pretrained(out["base"], dtype=torch.float32)
+        train(ft, (skill,), steps, seed=1 + i)
+        ft.save_pretrained(out[skill])
+        _copy_tokenizer(root / "init", out[skill])
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    for f in src.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copyfile(f, dst / f.name)
+
+
+def recipe(method: str, models: dict[str, Path], params: dict[str, Any], weights: bool, post: Any = None) -> dict:
+    entries = [{"model": str(models[s])} for s in SKILLS]
+    if weights:  # equal weights: the tuning is in the global parameters
+        for e in entries:
+            e["parameters"] = {"weight": 1.0}
+    r: dict[str, Any] = {"merge_method": method, "models": entries, "dtype": "float32"}
+    if method != "linear":
+        r["base_model"] = str(models["base"])
+    if params:
+        r["parameters"] = params
+    if post:
+        r["post"] = post
+    return r
+
+
+# method -> (default parameters, grid for tuning, takes per-model weights)
+GRID: dict[str, tuple[dict[str, Any], dict[str, list[Any]], bool]] = {
+    "linear": ({}, {}, True),
+    "task_arithmetic": ({"lambda": 1.0}, {"lambda": [0.3, 0.5, 0.7, 0.9, 1.1]}, True),
+    "ties": ({"density": 0.5}, {"density": [0.2, 0.5, 0.8], "lambda": [0.6, 1.0, 1.4]}, True),
+    "dare_ties": ({"density": 0.5}, {"density": [0.3, 0.5, 0.8], "lambda": [0.5, 0.8, 1.1]}, True),
+    "breadcrumbs_ties": ({"density": 0.9, "gamma": 0.01}, {"density": [0.5, 0.9], "lambda": [0.5, 0.8, 1.1]}, True),
+    "della": ({"density": 0.5, "epsilon": 0.1}, {"density": [0.3, 0.5, 0.7], "lambda": [0.5, 0.8, 1.1]}, True),
+    "model_stock": ({}, {}, False),
+    "tsv": ({}, {"lambda": [0.5, 0.75, 1.0, 1.25, 1.5]}, False),
+    "iso_c": ({}, {"lambda": [0.5, 0.75, 1.0, 1.25, 1.5]}, False),
+    "iso_cts": ({}, {"common_fraction": [0.5, 0.8], "lambda": [0.75, 1.0, 1.25, 1.5]}, False),
+}
+MERGEKIT = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "model_stock")
+# LiNeS on top of the tuned recipe: scales alpha .. alpha + beta times its lambda, above or below 1
+LINES_GRID = [[{"lines": {"alpha": a, "beta": b}}] for a in (0.4, 0.7, 1.0) for b in (0.3, 0.6, 1.0)]
+
+
+class Scorer:
+    def __init__(self, models: dict[str, Path]) -> None:
+        from mergesmith.search.inmemory import InMemoryMerger
+
+        self.merger = InMemoryMerger(recipe("task_arithmetic", models, {}, True), [])
+        gen = torch.Generator().manual_seed(123)
+        self.sets = {
+            split: {s: batch(s, N_TEST if split == "test" else 256, split, gen) for s in SKILLS}
+            for split in ("val", "test")
+        }
+
+    def scores(self, r: dict[str, Any], split: str) -> dict[str, float]:
+        self.merger.load_weights(r)
+        return {s: token_accuracy(self.merger.model, ids, start) for s, (ids, start) in self.sets[split].items()}
+
+
+def mean_se(scores: dict[str, float], n: int) -> tuple[float, float]:
+    k = len(scores)
+    mean = sum(scores.values()) / k
+    se = math.sqrt(sum(p * (1 - p) / n for p in scores.values())) / k
+    return mean, se
+
+
+def tune(scorer: Scorer, method: str, models: dict[str, Path]) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    default, grid, weights = GRID[method]
+    best = (-1.0, default, None)
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        params = {**default, **dict(zip(keys, values, strict=True))}
+        val = scorer.scores(recipe(method, models, dict(params), weights), "val")
+        m = sum(val.values()) / len(val)
+        if m > best[0]:
+            best = (m, params, None)
+    return default, best[1], None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/mergesmith-quality")
+    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per skill (pretraining: half)")
+    ap.add_argument("--evals", type=int, default=60, help="search budget (0: no search)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    models = build_models(root, args.steps)
+    scorer = Scorer(models)
+    rows: list[tuple[str, str, dict[str, float]]] = []
+
+    def add(name: str, r: dict[str, Any], how: str) -> None:
+        rows.append((name, how, scorer.scores(r, "test")))
+
+    for key in ("base", *SKILLS):
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(models[key], dtype=torch.float32).eval()
+        rows.append(
+            (f"input: {key}", "", {s: token_accuracy(m, ids, st) for s, (ids, st) in scorer.sets["test"].items()})
+        )
+    print(f"models ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    for method in GRID:
+        default, tuned, _ = tune(scorer, method, models)
+        weights = GRID[method][2]
+        add(method, recipe(method, models, dict(default), weights), f"default {default or ''}".strip())
+        if GRID[method][1]:
+            add(method, recipe(method, models, dict(tuned), weights), f"tuned {tuned}")
+        if method in ("task_arithmetic", "tsv", "iso_c", "iso_cts"):  # LiNeS on top of the tuned recipe
+            best = (-1.0, None)
+            for post in LINES_GRID:
+                val = scorer.scores(recipe(method, models, dict(tuned), weights, post), "val")
+                if sum(val.values()) > best[0]:
+                    best = (sum(val.values()), post)
+            add(f"{method} + LiNeS", recipe(method, models, dict(tuned), weights, best[1]), f"tuned {tuned} {best[1]}")
+        print(f"{method} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if args.evals:
+        rows.append(search(models, root, args.evals, scorer))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads\n", file=sys.stderr)
+    print(table(rows))
+
+
+def search(models: dict[str, Path], root: Path, evals: int, scorer: Scorer) -> tuple[str, str, dict[str, float]]:
+    """CMA-ES over per-model weights and lambda of task_arithmetic, on the validation prompts."""
+    import shutil
+
+    from mergesmith.search.genome import SearchDefinition
+    from mergesmith.search.runner import SearchOptions, run_search
+
+    spec = {
+        "genome": {
+            "models": [str(models[s]) for s in SKILLS],
+            "merge_method": "task_arithmetic",
+            "base_model": str(models["base"]),
+            "dtype": "float32",
+            "search_lambda": True,
+            "search_lines": True,
+        },
+        "tasks": [{"python": "skills:skill_task", "args": {"skill": s}} for s in SKILLS],
+    }
+    store = root / "search"
+    shutil.rmtree(store, ignore_errors=True)
+    result = run_search(SearchDefinition.model_validate(spec), store, SearchOptions(max_evals=evals, seed=0))
+    assert result.best is not None
+    best = result.best["recipe"]
+    w = [m["parameters"]["weight"] for m in best["models"]]
+    how = f"search ({evals} evals): weights {w}, {best['parameters']}, {best.get('post')}"
+    return "search task_arithmetic + LiNeS", how, scorer.scores(best, "test")
+
+
+def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
+    head = "| method | recipe | " + " | ".join(SKILLS) + " | mean ± se |"
+    lines = [head, "|" + "---|" * (len(SKILLS) + 3)]
+    for name, how, scores in rows:
+        mean, se = mean_se(scores, N_TEST)
+        cells = " | ".join(f"{100 * scores[s]:.1f}" for s in SKILLS)
+        mergekit = name.split()[0] in MERGEKIT and "LiNeS" not in name
+        tag = "" if name.startswith("input") else (" (mergekit)" if mergekit else " (new)")
+        lines.append(f"| {name}{tag} | {how} | {cells} | {100 * mean:.1f} ± {100 * se:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
