@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli
+from fakehub import hub  # noqa: F401  (a fixture)
 
 from mergesmith.toymodels import make_base, make_finetune
 
@@ -109,3 +110,33 @@ def test_without_ray_the_message_names_the_extra(recipe, tmp_path):
     assert "pip install 'mergesmith[distributed]'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_hub_ids_resolve_in_the_workers_cache_and_survive_a_killed_task(recipe, single, tmp_path, hub):  # noqa: F811
+    """The same merge with every model a hub id served by a local test hub: each task resolves the ids
+    in the workers' cache, one task is killed mid-run, and the output equals the single-process merge
+    of the same hub recipe."""
+    spec = yaml.safe_load(recipe.read_text())
+    local = [spec["base_model"], *(m["model"] for m in spec["models"])]
+    for path, name in zip(local, ("org/base", "org/ft1", "org/ft2"), strict=True):
+        hub.add(name, Path(path))
+    spec["base_model"] = "org/base"
+    for m, name in zip(spec["models"], ("org/ft1", "org/ft2"), strict=True):
+        m["model"] = name
+    hub_recipe = tmp_path / "hub.yml"
+    hub_recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
+    flags = ["--quiet", "--out-shard-size", SHARD, "--random-seed", "7"]
+    assert run_cli("run", hub_recipe, tmp_path / "one", *flags).exit_code == 0  # seeded draws follow the ids
+    out, marker = tmp_path / "out", tmp_path / "died"
+    hub.requests.clear()
+    env = {"MERGESMITH_TEST_DIE_ONCE": str(marker), "HF_HUB_CACHE": str(tmp_path / "workers_cache")}
+    proc = mergesmith("run", hub_recipe, out, *flags, "--workers", "2", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists(), "no task was killed: the test did not test anything"
+    got, want = hashes(out), hashes(tmp_path / "one")
+    got.pop("merge_report.json"), want.pop("merge_report.json")  # its resume fingerprint names the cache paths
+    assert got == want
+    report, one = (json.loads((d / "merge_report.json").read_text()) for d in (out, tmp_path / "one"))
+    assert report["audit"] == one["audit"] and report["inputs"] == one["inputs"]
+    assert "model.safetensors" in hub.fetched()  # into the workers' own, empty cache
+    assert any((tmp_path / "workers_cache").rglob("model.safetensors"))
