@@ -126,6 +126,7 @@ def write_weights(
             dtype=config.dtype,
             device=options.device,
             seed=options.random_seed or 0,
+            statistics=statistics_for(plan, models, config, options),
         )
         executor.run(audit.wrap(writer.write), progress)
     except BaseException:
@@ -134,6 +135,17 @@ def write_weights(
     files = audit.journal.finish(writer.close())
     audit.check_reused(directory)
     return files
+
+
+def statistics_for(plan: Plan, models: dict[str, ModelInfo], config: MergeConfig, options: MergeOptions):
+    """The calibration statistics the recipe's method needs (collected once, then cached), or None."""
+    kind = get_method(config.merge_method).calibration
+    if kind is None:
+        return None
+    from mergesmith.calibration import calibrate
+
+    merged = list(dict.fromkeys(x.model for t in plan.tensors for x in t.others))
+    return calibrate(kind, config.calibration, models, merged, options.device)
 
 
 def write_side_files(

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mergesmith import kernels
+from mergesmith.calibration import Statistics
 from mergesmith.engine.mapped import Entry, MappedFiles, read_entries, read_views
 from mergesmith.engine.memory import keep_freed_memory
 from mergesmith.errors import MergeError
@@ -172,8 +173,10 @@ class Executor:
         dtype: str | None = None,
         device: str = "cpu",
         seed: int = 0,
+        statistics: Statistics | None = None,
     ) -> None:
         self.plan = plan
+        self.statistics = statistics  # the data-aware methods' calibration statistics
         self.readers = readers
         self.dtype = dtype  # the recipe's: inputs are rounded through it
         self.device = device
@@ -227,7 +230,8 @@ class Executor:
         base, others = _split(t, xs)
         method = get_method(t.method)
         rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
-        return _reported(t, lambda: method(others, base, _params(t), rng=rng, stream=stream))
+        stats = self.statistics.inputs(t.others) if method.calibration and self.statistics is not None else None
+        return _reported(t, lambda: method(others, base, _params(t), rng=rng, stream=stream, stats=stats))
 
     def _load(self, slot: object, raw: torch.Tensor) -> torch.Tensor:
         """`raw` (a view of the file) as float32 in scratch buffer `slot`, rounded through `dtype`.

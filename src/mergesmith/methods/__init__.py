@@ -13,6 +13,7 @@ from mergesmith.methods import (  # noqa: F401
     nuslerp,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
     task_arithmetic,

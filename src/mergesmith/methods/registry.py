@@ -88,6 +88,8 @@ class MergeMethod:
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)
+    # Statistics of the models it needs (`calibration`: "gram", "fisher"), passed as `stats`, or None.
+    calibration: str | None = None
 
     @property
     def global_params(self) -> dict[str, Param]:
@@ -101,10 +103,20 @@ class MergeMethod:
     fused: Callable[..., None] | None = None
 
     def __call__(
-        self, xs: Sequence[Any], base: Any, params: dict[str, Any], rng: Any = None, stream: Any = None
+        self,
+        xs: Sequence[Any],
+        base: Any,
+        params: dict[str, Any],
+        rng: Any = None,
+        stream: Any = None,
+        stats: Sequence[Any] | None = None,
     ) -> Any:
         """Apply to tensors with recipe-named, already resolved `params`."""
         kwargs = self._kwargs(params)
+        if self.calibration is not None:
+            if stats is None:
+                raise MergeError(f"{self.name} needs calibration statistics; this merge path has none")
+            kwargs["stats"] = list(stats)
         if self.uses_rng:
             kwargs["rng"] = rng
         if stream is not None:
@@ -132,6 +144,7 @@ def merge_method(
     paper: str | None = None,
     pretty: str | None = None,
     inert: dict[str, str] | None = None,
+    calibration: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
 
@@ -146,6 +159,8 @@ def merge_method(
                 continue
             if p.name == "stream":
                 streams = True
+                continue
+            if p.name == "stats":
                 continue
             hint = _hint(fn, p)
             per_model = hint == PerModel
@@ -168,6 +183,7 @@ def merge_method(
             streams=streams,
             formula=inspect.cleandoc(fn.__doc__ or ""),
             inert=dict(inert or {}),
+            calibration=calibration,
         )
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")

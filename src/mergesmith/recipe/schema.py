@@ -79,6 +79,15 @@ class TokenizerConfig(RecipeModel):
     pad_to_multiple_of: int | None = None
 
 
+class CalibrationConfig(RecipeModel):
+    """Data for the data-aware methods (regmean, fisher): each model's own prompts (calibration/)."""
+
+    data: dict[str, str]  # model reference -> JSONL file, one {"prompt": ...} or {"text": ...} per line
+    samples: int = Field(128, ge=1)
+    max_length: int = Field(256, ge=1)
+    cache: str | None = None  # where statistics are kept (default ~/.cache/mergesmith/calibration)
+
+
 class MergeConfig(RecipeModel):
     merge_method: str
     models: list[InputModel] | None = None
@@ -94,6 +103,7 @@ class MergeConfig(RecipeModel):
     chat_template: str | None = None
     name: str | None = None  # a stage name in multi-stage recipes
     post: list[Any] | None = None  # post-steps on the merged task vector (recipe/post.py)
+    calibration: CalibrationConfig | None = None  # statistics for regmean / fisher
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -1,0 +1,95 @@
+"""Forward (and backward) passes of one model over its calibration prompts, collecting the statistics
+a data-aware method needs:
+
+- `gram`: for every linear layer, the Gram matrix G = Σ x xᵀ of its inputs over every token
+  (RegMean, Jin et al. 2023), in float64 while it accumulates, keyed by the layer's weight name;
+- `fisher`: for every parameter, the diagonal empirical Fisher information F = mean over the samples
+  of (∂ log p(sample) / ∂θ)² (Fisher merging, Matena & Raffel 2022), keyed by the parameter's name.
+
+Each prompt is run alone (batch of one, no padding), truncated to `max_length` tokens. The model is
+loaded in float32 on `device`, used, and released: one model is resident at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+log = logging.getLogger("mergesmith")
+
+Kind = Literal["gram", "fisher"]
+
+
+def _load(directory: Path, device: str):  # -> (model, tokenizer)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def _ids(tokenizer, text: str, max_length: int, device: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids
+    return ids.to(device)
+
+
+def collect(kind: Kind, directory: Path, texts: list[str], max_length: int, device: str = "cpu") -> dict:
+    """The statistics of `kind` for the model in `directory` over `texts`, as float32 CPU tensors."""
+    model, tokenizer = _load(directory, device)
+    try:
+        return (
+            _grams(model, tokenizer, texts, max_length, device)
+            if kind == "gram"
+            else _fisher(model, tokenizer, texts, max_length, device)
+        )
+    finally:
+        del model
+
+
+def _grams(model, tokenizer, texts: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook(name: str):
+        def accumulate(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            g = x.T @ x
+            sums[name] = g if name not in sums else sums[name].add_(g)
+
+        return accumulate
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_pre_hook(hook(f"{name}.weight")))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                model(_ids(tokenizer, text, max_length, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.float().cpu() for k, v in sums.items()}
+
+
+def _fisher(model, tokenizer, texts: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
+    model.eval()  # no dropout: the statistics are those of the model as it runs
+    params = dict(model.named_parameters())
+    sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    counted = 0
+    for text in texts:
+        ids = _ids(tokenizer, text, max_length, device)
+        if ids.shape[1] < 2:
+            continue  # one token predicts nothing
+        model.zero_grad(set_to_none=True)
+        (model(ids, labels=ids).loss * (ids.shape[1] - 1)).backward()  # the sample's log-likelihood, summed
+        for name, p in params.items():
+            if p.grad is not None:
+                sums[name].add_(p.grad.double().square())
+        counted += 1
+    model.zero_grad(set_to_none=True)
+    return {k: (v / max(counted, 1)).float().cpu() for k, v in sums.items()}
