@@ -147,7 +147,9 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/mergesmith-quality")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per skill (pretraining: half)")
     ap.add_argument("--evals", type=int, default=60, help="search budget (0: no search)")
+    ap.add_argument("--only", default="", help="comma list of methods to run (default: all, regmean and fisher too)")
     args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
     torch.set_num_threads(1)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,8 @@ def main() -> None:
         )
     print(f"models ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     for method in GRID:
+        if only and method not in only:
+            continue
         default, tuned, _ = tune(scorer, method, models)
         weights = GRID[method][2]
         add(method, recipe(method, models, dict(default), weights), f"default {default or ''}".strip())
@@ -181,10 +185,62 @@ def main() -> None:
                     best = (sum(val.values()), post)
             add(f"{method} + LiNeS", recipe(method, models, dict(tuned), weights, best[1]), f"tuned {tuned} {best[1]}")
         print(f"{method} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    for method in DATA_AWARE:
+        if not only or method in only:
+            rows.extend(data_aware(method, models, root, scorer))
+            print(f"{method} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.evals:
         rows.append(search(models, root, args.evals, scorer))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads\n", file=sys.stderr)
     print(table(rows))
+
+
+# method -> (default parameters, grid for tuning): merged to files (their statistics come from the
+# fine-tunes' own training prompts, `calibration:`), loaded and scored like the others
+DATA_AWARE: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
+    "regmean": ({"alpha": 0.9}, {"alpha": [0.5, 0.7, 0.9, 1.0]}),
+    "fisher": ({}, {"floor": [1e-8, 1e-6, 1e-4]}),
+}
+
+
+def data_aware(method: str, models: dict[str, Path], root: Path, scorer: Scorer) -> list[tuple[str, str, dict]]:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesmith.merge import MergeOptions, run_merge
+    from mergesmith.recipe.schema import parse_config
+
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    gen = torch.Generator().manual_seed(7)
+    data = {}
+    for s in SKILLS:  # 128 training prompts of each fine-tune's own skill, as text
+        ids, _ = batch(s, 128, "train", gen)
+        path = root / f"calibration-{s}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"text": " ".join(tok.convert_ids_to_tokens(r))}) + "\n" for r in ids.tolist())
+        )
+        data[str(models[s])] = str(path)
+
+    def merged(params: dict[str, Any], split: str) -> dict[str, float]:
+        r = recipe(method, models, params, True)
+        r["calibration"] = {"data": data, "samples": 128, "max_length": 64, "cache": str(root / "stats")}
+        out = root / f"merged-{method}"
+        run_merge(parse_config(r), "", out, MergeOptions(overwrite=True, write_model_card=False))
+        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        return {s: token_accuracy(m, ids, st) for s, (ids, st) in scorer.sets[split].items()}
+
+    default, grid = DATA_AWARE[method]
+    best = (-1.0, default)
+    for values in itertools.product(*grid.values()):
+        params = {**default, **dict(zip(grid, values, strict=True))}
+        val = merged(params, "val")
+        if sum(val.values()) > best[0]:
+            best = (sum(val.values()), params)
+    return [
+        (method, f"default {default or ''}".strip(), merged(dict(default), "test")),
+        (method, f"tuned {best[1]}", merged(dict(best[1]), "test")),
+    ]
 
 
 def search(models: dict[str, Path], root: Path, evals: int, scorer: Scorer) -> tuple[str, str, dict[str, float]]:
