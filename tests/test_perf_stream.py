@@ -98,6 +98,7 @@ def test_unlucky_sample_observes_again(monkeypatch):
 
 def test_shard_digests_while_writing_equal_the_files(tmp_path):
     """The writer's running digest (for the resume journal) is the digest of the finished file."""
+    from mergesmith.engine.sinks import ChunkJob
     from mergesmith.output.shards import ShardWriter, file_digest, layout_shards
 
     tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(6)}
@@ -106,8 +107,8 @@ def test_shard_digests_while_writing_equal_the_files(tmp_path):
     got = {}
     writer.on_hashed = lambda shard, digest: got.__setitem__(shard.file, digest)
     for name, t in tensors.items():
-        writer.write_at(name, 0, t[:50].numpy().view("uint8"), "float32")
-        writer.write_at(name, 50 * 3 * 4, t[50:].numpy().view("uint8"), "float32")
+        writer.write_chunk(ChunkJob(name, 0, t[:50].numpy().view("uint8"), "float32"))
+        writer.write_chunk(ChunkJob(name, 50 * 3 * 4, t[50:].numpy().view("uint8"), "float32"))
     files = writer.close()
     assert len(files) > 1 and sorted(got) == sorted(files)
     assert all(got[f] == file_digest(tmp_path / f) for f in files)

@@ -127,7 +127,7 @@ def write_weights(
             device=options.device,
             seed=options.random_seed or 0,
         )
-        executor.run(audit.wrap(writer.write), progress)
+        executor.run(audit.wrap(writer), progress)
     except BaseException:
         writer.abort()
         raise

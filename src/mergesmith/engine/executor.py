@@ -23,12 +23,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 from mergesmith import kernels
 from mergesmith.engine.mapped import Entry, MappedFiles, read_entries, read_views
 from mergesmith.engine.memory import keep_freed_memory
+from mergesmith.engine.sinks import ChunkJob, ChunkSink, CopyJob, Sink, TensorSink, sink_kind
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import MergeMethod, get_method
@@ -113,18 +115,24 @@ class Buffers:
         return view
 
 
-class _Writer:
-    """A thread that writes finished chunks while the next ones are computed. Output buffers come
-    from a small ring; a slot is reused only once its bytes are in the file. Pure copies go to the
-    writer as (file descriptor, offset) and are read straight into its output blocks."""
+class _Written(NamedTuple):
+    """A chunk queued for the writer thread, and the output slot whose memory holds its bytes."""
 
-    def __init__(self, write_at: Callable[..., None], copy_at: Callable[..., None] | None, slots: int = 3) -> None:
-        self.write_at = write_at
-        self.copy_at = copy_at
+    job: ChunkJob
+    slot: Buffers
+
+
+class _Writer:
+    """A thread that hands finished chunks to the sink while the next ones are computed. Output
+    buffers come from a small ring; a slot is reused only once its bytes are in the sink. Pure copies
+    go to the sink as `CopyJob`s (file descriptor, offset), read straight into its output."""
+
+    def __init__(self, sink: ChunkSink, slots: int = 3) -> None:
+        self.sink = sink
         self.free: queue.Queue[Buffers] = queue.Queue()
         for _ in range(slots):
             self.free.put(Buffers())
-        self.jobs: queue.Queue[tuple | None] = queue.Queue()
+        self.jobs: queue.Queue[_Written | CopyJob | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="mergesmith-writer")
         self.thread.start()
@@ -133,28 +141,28 @@ class _Writer:
         while (job := self.jobs.get()) is not None:
             try:
                 if self.error is None:
-                    if job[0] == "copy":
-                        self.copy_at(*job[1:])
+                    if isinstance(job, CopyJob):
+                        self.sink.copy_file(job)
                     else:
-                        self.write_at(*job[1:5], scanned=job[6])
+                        self.sink.write_chunk(job.job)
             except BaseException as err:  # re-raised in the computing thread
                 self.error = err
-            if job[0] == "chunk":
-                self.free.put(job[5])  # the chunk's bytes are in the file: its slot is free again
+            if isinstance(job, _Written):
+                self.free.put(job.slot)  # the chunk's bytes are in the file: its slot is free again
 
     def slot(self) -> Buffers:
         if self.error is not None:
             raise self.error
         return self.free.get()
 
-    def put(self, name: str, offset: int, data: np.ndarray, dtype: str, slot: Buffers, checked: bool = False) -> None:
-        """Bytes `data` (in `slot`'s memory) of tensor `name`, of `dtype`, at byte `offset` of it."""
-        self.jobs.put(("chunk", name, offset, data, dtype, slot, checked))
+    def put(self, name: str, offset: int, data: np.ndarray, dtype: str, slot: Buffers) -> None:
+        """Bytes `data` (in `slot`'s memory, checked) of tensor `name`, of `dtype`, at byte `offset` of it."""
+        self.jobs.put(_Written(ChunkJob(name, offset, data, dtype), slot))
 
-    def copy(self, name: str, dtype: str, src: tuple[int, int], nbytes: int) -> None:
+    def copy(self, job: CopyJob) -> None:
         if self.error is not None:
             raise self.error
-        self.jobs.put(("copy", name, 0, dtype, src, nbytes))
+        self.jobs.put(job)
 
     def finish(self) -> None:
         self.jobs.put(None)
@@ -182,7 +190,7 @@ class Executor:
         self._local = threading.local()  # scratch buffers, one set per computing thread
         self._pool: ThreadPoolExecutor | None = None
         self.workers = 1
-        self._check: Callable[[str, np.ndarray, str], None] | None = None  # the writer's scan, if it has one
+        self._sink: ChunkSink | None = None  # while `run` streams into one: its `check_chunk` runs in the workers
         self._torch_threads: int | None = None  # torch's thread count before `_enter_torch`
 
     @property
@@ -264,7 +272,7 @@ class Executor:
         out = torch.empty(t.shape, dtype=out_dtype)
         flat = out.view(-1)
         scratch = Buffers()
-        for offset, part, _, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
+        for offset, part, _ in self._parts(t, lambda shape: (scratch.get("out", shape, out_dtype), None)):
             start = offset // out.element_size()
             flat[start : start + part.numel()].copy_(part.reshape(-1))
         return out
@@ -326,16 +334,15 @@ class Executor:
         if not self._pure_copy(t, entries):
             return False
         e = entries[0]
-        writer.copy(t.name, t.dtype, (self.files.fd(e.path), e.offset), e.nbytes)
+        writer.copy(CopyJob(t.name, t.dtype, self.files.fd(e.path), e.offset, e.nbytes))
         return True
 
-    def _checked(self, t: OutputTensor, data: np.ndarray, dtype: str) -> bool:
-        """Run the writer's check (the audit's NaN/Inf scan) on a chunk's bytes here, in the computing
-        worker, where it runs beside the other worker rather than in the one writing thread; True if run."""
-        if self._check is None:
-            return False
-        self._check(t.name, data, dtype)
-        return True
+    def _checked(self, t: OutputTensor, data: np.ndarray) -> np.ndarray:
+        """`data` (a chunk of `t`) after the sink's check (the audit's NaN/Inf scan), run here in the
+        computing worker, beside the other worker rather than in the one writing thread."""
+        if self._sink is not None:
+            self._sink.check_chunk(t.name, data, t.dtype)
+        return data
 
     def _via(self, dtype: str) -> str | None:
         """The dtype raw values of `dtype` are rounded through when read: the recipe's, if another."""
@@ -356,20 +363,20 @@ class Executor:
         yield xs
 
     def _fused_parts(self, t: OutputTensor, entries: list[Entry], method: MergeMethod, writer: _Writer):
-        """Yield (byte offset, bytes, slot, checked) of `t` merged by `method`'s fused variant, in flat
+        """Yield (byte offset, checked bytes, slot) of `t` merged by `method`'s fused variant, in flat
         chunks of `CHUNK_ELEMENTS` values."""
         n = _numel(t.shape)
         item = DTYPE_BYTES[t.dtype]
         params = _params(t)
 
-        def merge(start: int) -> tuple[int, np.ndarray, Buffers, bool]:
+        def merge(start: int) -> tuple[int, np.ndarray, Buffers]:
             count = min(CHUNK_ELEMENTS, n - start)
             slot = writer.slot()
             out = kernels.Raw(slot.raw(0, count * item), t.dtype)
             with self._raw_chunk(entries, start, count) as xs:
                 base, others = _split(t, xs)
                 _reported(t, lambda: method.call_fused(out, others, base, params))
-            return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
+            return start * item, self._checked(t, out.data), slot
 
         yield from self._in_order(merge, range(0, n, CHUNK_ELEMENTS))
 
@@ -416,19 +423,19 @@ class Executor:
 
         self._observe(stream, observe, chunks)
 
-        def merge(chunk: tuple[int, int]) -> tuple[int, np.ndarray, Buffers, bool]:
+        def merge(chunk: tuple[int, int]) -> tuple[int, np.ndarray, Buffers]:
             start, count = chunk
             slot = writer.slot()
             out = kernels.Raw(slot.raw(0, count * item), t.dtype)
             with self._raw_chunk(entries, start, count) as xs:
                 self._apply(t, xs, stream.at(start, out))
-            return start * item, out.data, slot, self._checked(t, out.data, t.dtype)
+            return start * item, self._checked(t, out.data), slot
 
         return self._in_order(merge, chunks)
 
     def _parts(self, t: OutputTensor, target: Target, entries: list[Entry | None] | None = None):
-        """Yield (byte offset, output chunk, token, checked) for `t`; chunks are cast into the buffers
-        that `target(shape)` gives as (buffer, token); `checked`: `_checked` ran on the chunk.
+        """Yield (byte offset, output chunk, token) for `t`; chunks are cast into the buffers that
+        `target(shape)` gives as (buffer, token), and checked (`_checked`).
         `entries`: where the inputs lie, when the caller has them already."""
         entries = self._entries(t) if entries is None else entries
         out_dtype = torch_dtype(t.dtype)
@@ -439,7 +446,7 @@ class Executor:
             for start in range(0, n, COPY_ELEMENTS):
                 dest, token = target((min(COPY_ELEMENTS, n - start),))
                 self.files.read_entry(e, start * item, _bytes(dest))
-                yield start * item, dest, token, False
+                yield start * item, dest, token
             return
         raw = self._views(t)
         if not raw[0].is_floating_point():
@@ -448,7 +455,8 @@ class Executor:
                 src = src.to(torch_dtype(self.dtype))
             dest, token = target(tuple(src.shape))
             dest.copy_(src)
-            yield 0, dest, token, False
+            self._checked(t, _bytes(dest))
+            yield 0, dest, token
             return
         if get_method(t.method).streams and len(t.shape) >= 2 and all(tuple(r.shape) == t.shape for r in raw):
             yield from self._streamed(t, raw, target)
@@ -468,12 +476,13 @@ class Executor:
         item = torch.empty((), dtype=out_dtype).element_size()
         per_row_bytes = _numel(t.shape[1:]) * item if t.shape else item
 
-        def merge(r0: int) -> tuple[int, torch.Tensor, object, bool]:
+        def merge(r0: int) -> tuple[int, torch.Tensor, object]:
             r1 = min(rows, r0 + step)
             result = self._apply(t, [self._load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)])
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row_bytes, dest, token, self._checked(t, _bytes(dest), t.dtype)
+            self._checked(t, _bytes(dest))
+            return r0 * per_row_bytes, dest, token
 
         yield from self._in_order(merge, range(0, rows, step))
 
@@ -500,30 +509,27 @@ class Executor:
         self._observe(stream, observe, chunks)
         item = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
 
-        def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object, bool]:
+        def merge(chunk: tuple[int, int]) -> tuple[int, torch.Tensor, object]:
             r0, r1 = chunk
             result = self._apply(t, [self._load(i, r[r0:r1]) for i, r in enumerate(raw)], stream.at(r0 * per_row))
             dest, token = target(tuple(result.shape))
             dest.copy_(result)
-            return r0 * per_row * item, dest, token, self._checked(t, _bytes(dest), t.dtype)
+            self._checked(t, _bytes(dest))
+            return r0 * per_row * item, dest, token
 
         yield from self._in_order(merge, chunks)
 
     # -- the stream ------------------------------------------------------------------------
 
-    def run(
-        self, write: Callable[[str, torch.Tensor], None], progress: Callable[[OutputTensor], None] | None = None
-    ) -> None:
-        owner = getattr(write, "__self__", None)
-        write_at = getattr(owner, "write_at", None)
-        if write_at is None:  # a plain callback keeps what it is given: fresh tensors
+    def run(self, sink: Sink, progress: Callable[[OutputTensor], None] | None = None) -> None:
+        """Every planned tensor into `sink`: a `TensorSink` gets each whole, a `ChunkSink` gets them
+        streamed through the lanes (pure copies as copy jobs, the kernels' lanes, torch)."""
+        if sink_kind(sink) is TensorSink:
             for t in self.plan.tensors:
-                write(t.name, self.compute(t))
+                sink.put_tensor(t.name, self.compute(t))
                 if progress is not None:
                     progress(t)
             return
-        copy_at = getattr(owner, "copy_at", None)
-        self._check = getattr(owner, "scan", None)
         keep_freed_memory()
         threads = _cpu_threads()
         if self.on_cpu and threads > 1:
@@ -531,7 +537,8 @@ class Executor:
             # that merges two chunks at once, where two intra-op threads per op gained nothing (measured).
             self.workers = min(threads, 8)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mergesmith-compute")
-        writer = _Writer(write_at, copy_at, slots=2 * self.workers + 2)
+        writer = _Writer(sink, slots=2 * self.workers + 2)
+        self._sink = sink
         try:
             tensors = self.plan.tensors
             following = self._entries(tensors[0]) if tensors else []
@@ -541,14 +548,14 @@ class Executor:
                 if k + 1 < len(tensors):
                     following = self._entries(tensors[k + 1])
                     self._prefetch(following)
-                if copy_at is not None and self._copy_job(t, entries, writer):
+                if self._copy_job(t, entries, writer):
                     pass
                 elif (method := self._fused(t, entries)) is not None:
-                    for offset, data, slot, checked in self._fused_parts(t, entries, method, writer):
-                        writer.put(t.name, offset, data, t.dtype, slot, checked)
+                    for offset, data, slot in self._fused_parts(t, entries, method, writer):
+                        writer.put(t.name, offset, data, t.dtype, slot)
                 elif self._raw_streaming(t, entries) and (parts := self._raw_streamed(t, entries, writer)) is not None:
-                    for offset, data, slot, checked in parts:
-                        writer.put(t.name, offset, data, t.dtype, slot, checked)
+                    for offset, data, slot in parts:
+                        writer.put(t.name, offset, data, t.dtype, slot)
                 else:
                     self._enter_torch()
                     out_dtype = torch_dtype(t.dtype)
@@ -557,15 +564,15 @@ class Executor:
                         slot = writer.slot()
                         return slot.get(0, shape, dt), slot
 
-                    for offset, part, slot, checked in self._parts(t, target, entries):
-                        writer.put(t.name, offset, _bytes(part), t.dtype, slot, checked)
+                    for offset, part, slot in self._parts(t, target, entries):
+                        writer.put(t.name, offset, _bytes(part), t.dtype, slot)
                 if progress is not None:
                     progress(t)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
-            self._check = None
+            self._sink = None
             if self._torch_threads is not None:
                 torch.set_num_threads(self._torch_threads)
                 self._torch_threads = None
