@@ -69,12 +69,9 @@ def fit_shape(x: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor | No
 
 
 def elementwise(t: OutputTensor) -> bool:
-    """True when output element j depends only on input elements j (so row chunks merge alike)."""
-    if t.method in ("linear", "passthrough", "ram", "nearswap"):
-        return True
-    if t.method == "task_arithmetic":
-        return all(d >= 1 for d in t.per_model.get("density", (1.0,)))
-    return False
+    """True when output element j depends only on input elements j (so row chunks merge alike), as
+    `t`'s method declares for its parameters."""
+    return get_method(t.method).elementwise(method_params(t))
 
 
 class Buffers:
@@ -235,7 +232,7 @@ class Executor:
         base, others = _split(t, xs)
         method = get_method(t.method)
         rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
-        return _reported(t, lambda: method(others, base, _params(t), rng=rng, stream=stream))
+        return _reported(t, lambda: method(others, base, method_params(t), rng=rng, stream=stream))
 
     def _load(self, slot: object, raw: torch.Tensor) -> torch.Tensor:
         """`raw` (a view of the file) as float32 in scratch buffer `slot`, rounded through `dtype`.
@@ -286,9 +283,10 @@ class Executor:
         return read_views(self.files, self.readers, [(x.model, x.name) for x in t.inputs])
 
     def _pure_copy(self, t: OutputTensor, entries: list[Entry | None]) -> bool:
-        """A passthrough of one input, unscaled, whose dtype (and the recipe's) is the output's, in a
+        """A method that is the identity with these parameters (`MergeMethod.identity`: passthrough
+        unscaled), of one input whose dtype (and the recipe's) is the output's, in a
         plain safetensors file: no float32 round trip, the writer copies the file's bytes."""
-        if t.method != "passthrough" or len(entries) != 1 or any(s != 1.0 for s in t.per_model.get("scale", ())):
+        if len(entries) != 1 or not get_method(t.method).identity(method_params(t)):
             return False
         e = entries[0]
         return e is not None and e.dtype == t.dtype and self.dtype in (None, e.dtype) and e.shape == t.shape
@@ -367,7 +365,7 @@ class Executor:
         chunks of `CHUNK_ELEMENTS` values."""
         n = _numel(t.shape)
         item = DTYPE_BYTES[t.dtype]
-        params = _params(t)
+        params = method_params(t)
 
         def merge(start: int) -> tuple[int, np.ndarray, Buffers]:
             count = min(CHUNK_ELEMENTS, n - start)
@@ -599,7 +597,7 @@ def _split(t: OutputTensor, xs: list) -> tuple:
     return (xs[t.base] if t.base is not None else None), [x for i, x in enumerate(xs) if i != t.base]
 
 
-def _params(t: OutputTensor) -> dict:
+def method_params(t: OutputTensor) -> dict:
     """The method's parameters for `t`: global ones and the per-model lists."""
     return {**t.params, **{k: list(v) for k, v in t.per_model.items()}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
+from mergesmith.methods.task_vectors import Streaming, merge_task_vectors, whole_if_rescaled
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -17,6 +17,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
     summary="Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, then add.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs",
+    whole_when=whole_if_rescaled,
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -52,6 +53,7 @@ def breadcrumbs(
     summary="Model Breadcrumbs sparsification with TIES sign consensus.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs with TIES",
+    whole_when=whole_if_rescaled,
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

@@ -53,6 +53,11 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     summary="Slerp between two models at t = w_B/(w_A+w_B); with a base, slerp their task vectors.",
     paper="https://en.wikipedia.org/wiki/Slerp",
     pretty="NuSLERP",
+    whole_when=lambda p: (
+        "nuslerp_row_wise: each column's slerp needs every row"
+        if not p.get("nuslerp_flatten", True) and p.get("nuslerp_row_wise", False)
+        else None
+    ),
 )
 def nuslerp(
     xs: list[torch.Tensor],

@@ -55,6 +55,7 @@ class Overlap(Pruner):
     summary="RAM: mean of the task vectors that change each weight; a change made by one model is kept whole.",
     paper=RAM_PAPER,
     pretty="Reinforced Agent Merging",
+    elementwise=True,
 )
 def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) -> torch.Tensor:
     """a_i = |tau_i| > epsilon, c = sum_i a_i; y = b + sum_i a_i tau_i / max(c, 1)."""

@@ -35,6 +35,11 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     summary="SCE: Select top-variance elements, Calculate energy-based weights, Erase minority signs.",
     paper="https://arxiv.org/abs/2408.07990",
     pretty="SCE",
+    whole_when=lambda p: (
+        "select_topk < 1: the variance threshold over the whole tensor comes before the energies"
+        if p.get("select_topk", 1.0) < 1
+        else None
+    ),
 )
 def sce(
     xs: list[torch.Tensor],

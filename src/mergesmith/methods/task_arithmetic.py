@@ -6,7 +6,7 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
+from mergesmith.methods.task_vectors import Streaming, merge_task_vectors, whole_if_rescaled
 from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
@@ -23,6 +23,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
     inert={
         "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
     },
+    elementwise=lambda params: all(d >= 1 for d in params.get("density", (1.0,))),
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -57,6 +58,7 @@ def task_arithmetic(
     summary="TIES: trim task vectors by magnitude, elect signs, disjoint mean.",
     paper=TIES_PAPER,
     pretty="TIES",
+    whole_when=whole_if_rescaled,
 )
 def ties(
     xs: list[torch.Tensor],

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from mergesmith import kernels
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.registry import Params
 from mergesmith.methods.sparsify import Pruner, prune_whole
 
 PrunerFor = Callable[[int], Pruner]
@@ -62,6 +63,14 @@ class Streaming:
         """This stream at the chunk starting at flat element `start` (same pruners): chunks may be
         merged concurrently, each with its own view (and, in the raw lane, its own `out`)."""
         return replace(self, start=start, out=out)
+
+
+def whole_if_rescaled(params: Params) -> str | None:
+    """The magnitude pruners (`sparsify.Magnitude`, `Outliers`) keep the kept L1 norm with
+    `rescale`: below density 1 that needs the threshold first, so whole tensors (`Pruner.streams`)."""
+    if params.get("rescale") and any(d < 1 for d in params.get("density", (1.0,))):
+        return "rescale: true with density < 1: the kept L1 norm needs the threshold first"
+    return None
 
 
 def _fused(deltas: Sequence[torch.Tensor]) -> bool:
