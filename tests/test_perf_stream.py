@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
 from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
@@ -50,7 +51,7 @@ def test_streamed_equals_whole(models, monkeypatch, method, rescale):
     plan, infos = prepare(config, MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 7) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
     monkeypatch.setattr(sparsify, "SMALL", 50)  # thresholds bracketed by a sample
     monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
     monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
@@ -119,7 +120,7 @@ def _chunked(recipe: dict, monkeypatch) -> tuple:
     plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 0) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)
     return plan, readers, whole, executor_module.Executor(plan, readers)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mergesmith.engine.executor import CHUNK_ELEMENTS, method_params
+from mergesmith.engine.chunks import CHUNK_ELEMENTS
+from mergesmith.engine.context import method_params
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor
 from mergesmith.sources.model import DTYPE_BYTES
