@@ -17,10 +17,10 @@ from mergesmith import kernels
 from mergesmith.engine.buffers import Buffers
 from mergesmith.engine.mapped import Entry, MappedFiles, read_entries, read_views
 from mergesmith.engine.sinks import ChunkSink
+from mergesmith.engine.streaming import Streaming
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import get_method
-from mergesmith.methods.task_vectors import Streaming
 from mergesmith.plan import OutputTensor
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.model import DTYPE_BYTES

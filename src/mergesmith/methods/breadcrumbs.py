@@ -5,7 +5,8 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors, whole_if_rescaled
+from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -30,7 +31,7 @@ def breadcrumbs(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Of n = numel elements of x_i - b keep floor(density_i n), dropping the floor(gamma_i n) largest |delta|
     and the smallest; y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
@@ -66,7 +67,7 @@ def breadcrumbs_ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Breadcrumbs sparsification, D_i = w_i delta~_i, sigma = sign(sum_i D_i);
     y = b + lambda * sum_i [sign D_i = sigma] D_i [/ sum_i [sign D_i = sigma] w_i if normalize]."""

@@ -14,9 +14,9 @@ A merge method is a plain function on float32 tensors::
   underscore is dropped from the recipe name (`lambda_` is the recipe's `lambda`).
 - A keyword-only parameter named `rng` receives a `TensorRNG` keyed by (seed, tensor name), for
   methods that draw random masks.
-- A keyword-only parameter named `stream` (`task_vectors.Streaming`) lets the engine run the method
+- A keyword-only parameter named `stream` (`methods.stream.Stream`) lets the engine run the method
   in row chunks: a sample phase, observe passes that feed the stream's per-input state
-  (`Streaming.pruner`), then the merging chunks. On the CPU the engine first tries the sample phase
+  (`Stream.state`), then the merging chunks. On the CPU the engine first tries the sample phase
   with the files' raw values (`kernels.Raw`): a method must register its state there before touching
   the inputs, and state that cannot run on raw values (`fusable` False) sends the tensor to torch.
 
@@ -98,7 +98,7 @@ class MergeMethod:
     paper: str | None = None
     pretty: str = ""
     uses_rng: bool = False
-    streams: bool = False  # takes `stream` (task_vectors.Streaming): the engine may run it in row chunks
+    streams: bool = False  # takes `stream` (`methods.stream.Stream`): observe-then-apply, in row chunks
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)

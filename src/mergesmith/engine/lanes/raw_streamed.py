@@ -13,9 +13,9 @@ from mergesmith.engine import chunks
 from mergesmith.engine.buffers import Buffers, numel
 from mergesmith.engine.context import MergeContext
 from mergesmith.engine.mapped import Entry
+from mergesmith.engine.streaming import Streaming
 from mergesmith.methods.registry import get_method
 from mergesmith.methods.sparsify import sample_blocks
-from mergesmith.methods.task_vectors import Streaming
 from mergesmith.plan import OutputTensor
 from mergesmith.sources.model import DTYPE_BYTES
 

@@ -1,6 +1,6 @@
 """The torch streamed lane: an observe-then-apply method in row chunks. Its state (the pruners,
 `Gram`...) sees a strided sample, then every chunk (thresholds, L1 norms, dot products), then each
-chunk is merged. See `methods.task_vectors.Streaming`."""
+chunk is merged. See `engine.streaming`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from mergesmith.engine import chunks
 from mergesmith.engine.buffers import Target, as_bytes, numel
 from mergesmith.engine.context import MergeContext, torch_dtype
+from mergesmith.engine.streaming import Streaming
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import get_method
 from mergesmith.methods.sparsify import sample_blocks
-from mergesmith.methods.task_vectors import Streaming
 from mergesmith.plan import OutputTensor
 
 
