@@ -70,8 +70,9 @@ class Audit:
         self._chunk_written(job.name, job.data.nbytes)
 
     def copy_file(self, job: CopyJob, check: Callable[[memoryview], None] | None = None) -> None:
-        """Forward a pure copy from an input file, its bytes checked as they land."""
-        assert self.forward is not None and check is None
+        """Forward a pure copy from an input file, its bytes checked as they land (then by `check`,
+        a check of a sink around this one)."""
+        assert self.forward is not None
         rejected = []
 
         def scan(view: memoryview) -> None:
@@ -80,6 +81,8 @@ class Audit:
             except MergeError:
                 rejected.append(job.name)
                 raise
+            if check is not None:
+                check(view)
 
         try:
             self.forward.copy_file(job, check=scan)
