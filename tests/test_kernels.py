@@ -149,10 +149,10 @@ def test_merges_with_and_without_the_compiled_kernels_are_identical(models, tmp_
     """End to end from YAML: the NumPy/torch fallback writes the same bytes as the kernels."""
     from conftest import merge, tensors
 
-    from mergesmith.engine import executor
+    from mergesmith.engine import chunks
     from mergesmith.methods import sparsify
 
-    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 200)  # several chunks per tensor
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 200)  # several chunks per tensor
     monkeypatch.setattr(sparsify, "SMALL", 50)  # thresholds bracketed by a sample (the bracket kernel)
     monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
     monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
@@ -231,9 +231,9 @@ def test_linear_merges_with_and_without_the_fused_kernel_are_identical(models, t
     reading the files writes the bytes the torch path writes."""
     from conftest import merge, tensors
 
-    from mergesmith.engine import executor
+    from mergesmith.engine import chunks
 
-    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 300)  # several chunks per tensor, one cut mid-row
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 300)  # several chunks per tensor, one cut mid-row
     recipe = {
         "merge_method": "linear",
         "models": [
@@ -321,13 +321,13 @@ def test_task_vector_merges_in_the_raw_lane_equal_the_torch_path(tmp_path, monke
     densities, a weight gradient, thresholds among many equal magnitudes cut mid-chunk)."""
     from conftest import merge, tensors
 
-    from mergesmith.engine import executor
+    from mergesmith.engine import chunks, executor
     from mergesmith.methods import sparsify
 
     if not {extra.get("dtype", "float32"), extra.get("out_dtype", "float32")} <= kernels.raw_kinds():
         pytest.skip("no compiled kernel for these dtypes here")
     models = _quantised_models(tmp_path)
-    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 512)  # several chunks per tensor
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 512)  # several chunks per tensor
     monkeypatch.setattr(sparsify, "SMALL", 100)  # thresholds bracketed by a sample
     monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
     monkeypatch.setattr(sparsify, "SAMPLE_RUN", 16)
@@ -341,7 +341,7 @@ def test_task_vector_merges_in_the_raw_lane_equal_the_torch_path(tmp_path, monke
     merge(recipe, tmp_path / "raw")
     calls = []
     monkeypatch.setattr(kernels, "task_merge", lambda *a, **k: calls.append(1))  # the raw lane is gone
-    monkeypatch.setattr(executor.Executor, "_raw_streaming", lambda self, t, entries: None)
+    monkeypatch.setattr(executor, "raw_streams", lambda ctx, t, entries: False)
     merge(recipe, tmp_path / "torch")
     assert not calls
     a, b = tensors(tmp_path / "raw"), tensors(tmp_path / "torch")

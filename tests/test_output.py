@@ -108,13 +108,20 @@ def test_dare_independent_of_tensor_order(models):
     )
     plan, infos = prepare(recipe, MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
-    forward: dict = {}
-    Executor(plan, readers, seed=3).run(lambda n, t: forward.__setitem__(n, t))
+    forward = _Kept()
+    Executor(plan, readers, seed=3).run(forward)
     plan.tensors.reverse()
-    backward: dict = {}
-    Executor(plan, readers, seed=3).run(lambda n, t: backward.__setitem__(n, t))
+    backward = _Kept()
+    Executor(plan, readers, seed=3).run(backward)
     assert list(forward) != list(backward)
     assert all(torch.equal(forward[n], backward[n]) for n in forward)
+
+
+class _Kept(dict):
+    """A whole-tensor sink that keeps every tensor it is given."""
+
+    def put_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self[name] = tensor
 
 
 def test_dry_run_reads_no_tensor(models, tmp_path):

@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
+from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
+from mergesmith.engine.lanes.torch_chunked import elementwise
 from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
 from mergesmith.recipe.schema import MergeConfig
@@ -107,9 +109,9 @@ def test_chunked_equals_whole(models, monkeypatch, method):
             "models": [{"model": str(models[k]), "parameters": {"weight": 0.6}} for k in ("ft1", "ft2")],
         }
     plan, readers = _plan(recipe)
-    assert any(executor_module.elementwise(t) for t in plan.tensors)
+    assert any(elementwise(t) for t in plan.tensors)
     whole = {t.name: executor_module.Executor(plan, readers).compute(t) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1)
     chunked = {t.name: executor_module.Executor(plan, readers).compute(t) for t in plan.tensors}
     assert all(torch.equal(whole[n], chunked[n]) for n in whole)
 
@@ -124,7 +126,7 @@ def test_chunked_run_through_shard_writer(models, tmp_path, monkeypatch):
     }
     plan, readers = _plan(recipe)
     expect = {t.name: executor_module.Executor(plan, readers).compute(t) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 7)
     merge(recipe, tmp_path / "out")
     got = load_state_dict(tmp_path / "out")
     assert got.keys() == expect.keys()

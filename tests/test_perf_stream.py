@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
 from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
@@ -50,7 +51,7 @@ def test_streamed_equals_whole(models, monkeypatch, method, rescale):
     plan, infos = prepare(config, MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 7) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
     monkeypatch.setattr(sparsify, "SMALL", 50)  # thresholds bracketed by a sample
     monkeypatch.setattr(sparsify, "SAMPLE_BLOCKS", 8)
     monkeypatch.setattr(sparsify, "SAMPLE_RUN", 5)
@@ -98,6 +99,7 @@ def test_unlucky_sample_observes_again(monkeypatch):
 
 def test_shard_digests_while_writing_equal_the_files(tmp_path):
     """The writer's running digest (for the resume journal) is the digest of the finished file."""
+    from mergesmith.engine.sinks import ChunkJob
     from mergesmith.output.shards import ShardWriter, file_digest, layout_shards
 
     tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(6)}
@@ -106,8 +108,8 @@ def test_shard_digests_while_writing_equal_the_files(tmp_path):
     got = {}
     writer.on_hashed = lambda shard, digest: got.__setitem__(shard.file, digest)
     for name, t in tensors.items():
-        writer.write_at(name, 0, t[:50].numpy().view("uint8"), "float32")
-        writer.write_at(name, 50 * 3 * 4, t[50:].numpy().view("uint8"), "float32")
+        writer.write_chunk(ChunkJob(name, 0, t[:50].numpy().view("uint8"), "float32"))
+        writer.write_chunk(ChunkJob(name, 50 * 3 * 4, t[50:].numpy().view("uint8"), "float32"))
     files = writer.close()
     assert len(files) > 1 and sorted(got) == sorted(files)
     assert all(got[f] == file_digest(tmp_path / f) for f in files)
@@ -118,7 +120,7 @@ def _chunked(recipe: dict, monkeypatch) -> tuple:
     plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 0) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)
     return plan, readers, whole, executor_module.Executor(plan, readers)
 
 

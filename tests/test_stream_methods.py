@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
 from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import arcee_fusion
@@ -48,7 +49,7 @@ def streamed_equals_whole(recipe: dict, monkeypatch) -> tuple:
     plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     expected = {t.name: whole(t, readers) for t in plan.tensors}
-    monkeypatch.setattr(executor_module, "CHUNK_ELEMENTS", 100)  # three rows of 32 per chunk
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)  # three rows of 32 per chunk
     ex = executor_module.Executor(plan, readers)
     for t in plan.tensors:
         assert torch.equal(ex.compute(t), expected[t.name]), t.name

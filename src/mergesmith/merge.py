@@ -128,7 +128,7 @@ def write_weights(
             seed=options.random_seed or 0,
             statistics=statistics_for(plan, models, config, options),
         )
-        executor.run(audit.wrap(writer.write), progress)
+        executor.run(audit.wrap(writer), progress)
     except BaseException:
         writer.abort()
         raise

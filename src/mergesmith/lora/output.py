@@ -18,6 +18,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
 from mergesmith.lora.card import adapter_card, report_summary
 from mergesmith.lora.kinds import module_kinds, ties_head
+from mergesmith.lora.sink import AdapterSink
 from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, prepare
 from mergesmith.output import model_files
 from mergesmith.output.staging import StagedOutput
@@ -76,7 +77,7 @@ def run_merge_as_lora(
         executor = Executor(
             plan, open_sources(models), dtype=config.dtype, device=options.device, seed=options.random_seed or 0
         )
-        executor.run(lambda name, value: builder.add(name, value, reader.get(name)), progress)
+        executor.run(AdapterSink(builder, reader), progress)
         reports = builder.save(directory, str(plain))
         files = ["adapter_model.safetensors", "adapter_config.json", "lora_report.json", "mergesmith_config.yml"]
         (directory / "mergesmith_config.yml").write_text(recipe_text)

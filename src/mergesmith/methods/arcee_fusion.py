@@ -12,7 +12,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import Pruner
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 from mergesmith.rng import TensorRNG
 
 QUANTILE_SAMPLE = 1_000_000
@@ -93,7 +93,7 @@ class ImportanceSample(Pruner):
     pretty="Arcee Fusion",
 )
 def arcee_fusion(
-    xs: list[torch.Tensor], base: torch.Tensor, *, rng: TensorRNG, stream: Streaming | None = None
+    xs: list[torch.Tensor], base: torch.Tensor, *, rng: TensorRNG, stream: Stream | None = None
 ) -> torch.Tensor | None:
     """I = |x - b| KL_row(softmax(x) + 1e-8 || softmax(b) + 1e-8); y = b + (x - b) [I >= median(I) + 1.5 IQR(I)].
     Streamed, the scores that give the quantiles are gathered over the row chunks first."""
@@ -102,7 +102,7 @@ def arcee_fusion(
     if stream is None:
         scores = importance(xs[0], base)
         return base.add_(xs[0].sub_(base).mul_(scores >= outlier_threshold(scores, rng)))
-    sample = stream.pruner(0, lambda i: ImportanceSample(rng))  # before touching the inputs
+    sample = stream.state(0, lambda i: ImportanceSample(rng))  # before touching the inputs
     if stream.phase == "sample":
         return None
     scores = importance(xs[0], base)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
+from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -17,6 +18,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
     summary="Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, then add.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs",
+    whole_when=whole_if_rescaled,
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -29,7 +31,7 @@ def breadcrumbs(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Of n = numel elements of x_i - b keep floor(density_i n), dropping the floor(gamma_i n) largest |delta|
     and the smallest; y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
@@ -52,6 +54,7 @@ def breadcrumbs(
     summary="Model Breadcrumbs sparsification with TIES sign consensus.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs with TIES",
+    whole_when=whole_if_rescaled,
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],
@@ -64,7 +67,7 @@ def breadcrumbs_ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Breadcrumbs sparsification, D_i = w_i delta~_i, sigma = sign(sum_i D_i);
     y = b + lambda * sum_i [sign D_i = sigma] D_i [/ sum_i [sign D_i = sigma] w_i if normalize]."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
+from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_vectors import merge_task_vectors
 from mergesmith.rng import TensorRNG
 
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
@@ -31,7 +32,7 @@ def della(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Keep delta_i elements with p = density - eps + 2 eps rank/(n-1) (rank of |delta| in its row);
     D_i = w_i delta~_i, sigma = sign(sum_i D_i); y = b + lambda * sum_i M_i D_i / sum_i M_i w_i."""
@@ -67,7 +68,7 @@ def della_linear(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """DELLA sparsification, then y = b + lambda * sum_i w_i delta~_i [/ sum_i w_i if normalize]."""
     return merge_task_vectors(

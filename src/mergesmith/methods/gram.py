@@ -7,15 +7,17 @@ import math
 import numpy as np
 
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.sparsify import Pruner, rows_of
+from mergesmith.methods.sparsify import rows_of
+from mergesmith.methods.stream import Observation
 
 
-class Gram(Pruner):
+class Gram(Observation):
     """The Gram matrix (v_i . v_j for every pair, norms squared on the diagonal) of a few tensors over
     their whole length, observed chunk by chunk: products exact in float64, NumPy's pairwise sum per
     row, row sums added with `math.fsum`, so any chunking of whole rows gives the whole tensors'
-    values. It prunes nothing: it is a stream's state (`Streaming.pruner`), not `fusable`, and with
-    `observe` False (chunks that hold everything they need) asks for no observe pass."""
+    values. It is what slerp, model_stock, karcher... need of the whole tensors: an observation
+    (`Stream.state`), not `fusable`; with `observe` False (chunks that hold everything they need)
+    it asks for no observe pass."""
 
     def __init__(self, observe: bool = True) -> None:
         self.needs_observe = observe

@@ -13,7 +13,7 @@ import numpy as np
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, combine
 from mergesmith.methods.registry import merge_method
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 
 
 def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> list[float]:
@@ -65,7 +65,7 @@ def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> list[fl
     pretty="Karcher Mean",
 )
 def karcher(
-    xs: list[torch.Tensor], base: None, *, max_iter: int = 10, tol: float = 1e-5, stream: Streaming | None = None
+    xs: list[torch.Tensor], base: None, *, max_iter: int = 10, tol: float = 1e-5, stream: Stream | None = None
 ) -> torch.Tensor | None:
     """alpha_i = 1/N over inputs with |x_i| > tol (renormalised), u_i = x_i/|x_i|; u = normalise(sum alpha_i u_i);
     repeat: theta_i = acos(u.u_i), T = sum alpha_i theta_i/sin theta_i (u_i - cos theta_i u), stop if |T| < tol,
@@ -75,7 +75,7 @@ def karcher(
         return xs[0]
     if stream is None:
         return combine(xs, karcher_coefficients(Gram.of(xs), max_iter, tol))
-    gram = stream.pruner(0, lambda i: Gram())
+    gram = stream.state(0, lambda i: Gram())
     if stream.phase == "sample":
         return None
     if stream.phase == "observe":

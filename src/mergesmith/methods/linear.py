@@ -11,6 +11,7 @@ from mergesmith.methods.registry import REQUIRED, PerModel, fused_variant, merge
     summary="Weighted average of the models.",
     paper="https://arxiv.org/abs/2203.05482",
     pretty="Linear",
+    elementwise=True,
 )
 def linear(xs: list[torch.Tensor], base: None, *, weight: PerModel = REQUIRED, normalize: bool = True) -> torch.Tensor:
     """y = sum_i w_i x_i, divided by sum_i w_i when `normalize` (a zero sum is an error)."""

@@ -10,7 +10,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram
 from mergesmith.methods.registry import merge_method
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 
 
 def _ratio(gram: np.ndarray) -> float:
@@ -33,7 +33,7 @@ def _ratio(gram: np.ndarray) -> float:
     pretty="Model Stock",
 )
 def model_stock(
-    xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False, stream: Streaming | None = None
+    xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False, stream: Stream | None = None
 ) -> torch.Tensor | None:
     """c = mean over pairs i<j of cos(delta_i, delta_j) (norm product clamped at 1e-6, c in [-1, 1]),
     t = N c / (1 + (N-1) c), y = t mean_i(x_i) + (1-t) b; per row (last axis) when `filter_wise`.
@@ -45,7 +45,7 @@ def model_stock(
     if filter_wise and stream is None:
         return _filter_wise(xs, base)
     if stream is not None:  # the state first, before touching the inputs: `Gram` is not `fusable`
-        gram = stream.pruner(0, lambda i: Gram(observe=not filter_wise))
+        gram = stream.state(0, lambda i: Gram(observe=not filter_wise))
         if stream.phase == "sample":
             return None
     if filter_wise:  # a chunk of whole rows

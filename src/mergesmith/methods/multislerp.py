@@ -14,7 +14,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, combine
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 
 
 def multislerp_coefficients(gram: np.ndarray, w: list[float], eps: float) -> list[float]:
@@ -54,7 +54,7 @@ def multislerp(
     weight: PerModel = REQUIRED,
     normalize_weights: bool = True,
     eps: float = 1e-8,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor | None:
     """n_i = |x_i|, u_i = x_i/(n_i+eps), m = sum w_i u_i, m^ = m/|m|; G = sum w_i (u_i - (u_i.m^) m^),
     tau = |G| + eps; y = (sum w_i n_i) (m^ cos tau + G sin tau / tau); x_i = x_i - b and y += b with a base.
@@ -70,7 +70,7 @@ def multislerp(
         if total == 0:
             raise MergeError("multislerp: the weights sum to zero; change them or set normalize_weights: false")
         w = [wi / total for wi in w]
-    gram = stream.pruner(0, lambda i: Gram()) if stream is not None else None  # before touching the inputs
+    gram = stream.state(0, lambda i: Gram()) if stream is not None else None  # before touching the inputs
     if stream is not None and stream.phase == "sample":
         return None
     if base is not None:

@@ -14,6 +14,7 @@ from mergesmith.methods.registry import REQUIRED, merge_method
     summary="NearSwap: use the other model's weight where it is within t of the base, interpolate elsewhere.",
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     pretty="NearSwap",
+    elementwise=True,
 )
 def nearswap(xs: list[torch.Tensor], base: torch.Tensor, *, t: float = REQUIRED) -> torch.Tensor:
     """omega = clamp(t / max(|b - x|, 1e-6), 0, 1); y = omega x + (1 - omega) b."""

@@ -14,7 +14,7 @@ from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, WholeTensors, combine
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 
 
 def slerp_coefficients(t: float, gram: np.ndarray) -> list[float]:
@@ -53,6 +53,11 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     summary="Slerp between two models at t = w_B/(w_A+w_B); with a base, slerp their task vectors.",
     paper="https://en.wikipedia.org/wiki/Slerp",
     pretty="NuSLERP",
+    whole_when=lambda p: (
+        "nuslerp_row_wise: each column's slerp needs every row"
+        if not p.get("nuslerp_flatten", True) and p.get("nuslerp_row_wise", False)
+        else None
+    ),
 )
 def nuslerp(
     xs: list[torch.Tensor],
@@ -61,7 +66,7 @@ def nuslerp(
     weight: PerModel = REQUIRED,
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor | None:
     """t = w_B/(w_A+w_B) (0.5 if |w_A+w_B| < 1e-6); y = [sin((1-t)theta) v0 + sin(t theta) v1]/sin theta,
     v = x (or x - b, then y += b). Vectors: the whole tensor when flattening, else rows W[i,:];
@@ -79,7 +84,7 @@ def nuslerp(
     flat = nuslerp_flatten or (stream is None and xs[0].dim() < 2)  # streamed chunks are >= 2-D
     gram = None
     if stream is not None:  # the state first, before touching the inputs
-        gram = stream.pruner(0, lambda i: Gram(observe=flat) if flat or not nuslerp_row_wise else WholeTensors())
+        gram = stream.state(0, lambda i: Gram(observe=flat) if flat or not nuslerp_row_wise else WholeTensors())
         if stream.phase == "sample":
             return None
     v0, v1 = xs

@@ -11,6 +11,8 @@ from mergesmith.methods.registry import PerModel, fused_variant, merge_method
     models=(1, 1),
     summary="Copy one model's tensor unchanged (optionally scaled): layer stacking, frankenmerges.",
     pretty="Passthrough",
+    elementwise=True,
+    identity=lambda params: all(s == 1.0 for s in params.get("scale", ())),
 )
 def passthrough(xs: list[torch.Tensor], base: None, *, scale: PerModel = 1.0) -> torch.Tensor:
     """y = scale * x for the single input (scale is per-model: filter it by tensor name)."""

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
-from mergesmith.methods.sparsify import Pruner
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Observation, Stream
 
 RAM_PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -24,7 +23,7 @@ def _active(xs: list[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple
     return deltas, count
 
 
-class Overlap(Pruner):
+class Overlap(Observation):
     """Per model: how many of its active elements other models change too, and how many only it
     changes. Exact integer counts per chunk (chunks may be observed on several threads), added up
     by `finish`, so any chunking gives the whole tensor's."""
@@ -55,6 +54,7 @@ class Overlap(Pruner):
     summary="RAM: mean of the task vectors that change each weight; a change made by one model is kept whole.",
     paper=RAM_PAPER,
     pretty="Reinforced Agent Merging",
+    elementwise=True,
 )
 def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) -> torch.Tensor:
     """a_i = |tau_i| > epsilon, c = sum_i a_i; y = b + sum_i a_i tau_i / max(c, 1)."""
@@ -81,13 +81,13 @@ def ramplus_tl(
     r: float = 0.1,
     alpha: float = 0.2,
     epsilon: float = 1e-5,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor | None:
     """As ram, but where only model i is active its tau_i is scaled by 1 + r clamp(rho_i, 0, alpha),
     rho_i = #(a_i and c > 1) / max(#(a_i and c = 1), epsilon), counted over the tensor."""
     if not xs:
         return base
-    overlap = stream.pruner(0, lambda i: Overlap()) if stream is not None else Overlap()  # before the inputs
+    overlap = stream.state(0, lambda i: Overlap()) if stream is not None else Overlap()  # before the inputs
     if stream is not None and stream.phase == "sample":
         return None
     deltas, count = _active(xs, base, epsilon)

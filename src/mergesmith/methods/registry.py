@@ -14,11 +14,22 @@ A merge method is a plain function on float32 tensors::
   underscore is dropped from the recipe name (`lambda_` is the recipe's `lambda`).
 - A keyword-only parameter named `rng` receives a `TensorRNG` keyed by (seed, tensor name), for
   methods that draw random masks.
-- A keyword-only parameter named `stream` (`task_vectors.Streaming`) lets the engine run the method
+- A keyword-only parameter named `stream` (`methods.stream.Stream`) lets the engine run the method
   in row chunks: a sample phase, observe passes that feed the stream's per-input state
-  (`Streaming.pruner`), then the merging chunks. On the CPU the engine first tries the sample phase
+  (`Stream.state`), then the merging chunks. On the CPU the engine first tries the sample phase
   with the files' raw values (`kernels.Raw`): a method must register its state there before touching
   the inputs, and state that cannot run on raw values (`fusable` False) sends the tensor to torch.
+
+The decorator also declares the method's shape, from which the engine picks how to run it (it
+never names a method or a parameter):
+- `elementwise`: output element j depends only on input elements j, so row chunks merge alike
+  (True, or a predicate on the resolved parameters: task_arithmetic is, unless it prunes);
+- `identity`: a predicate on the parameters under which the output is the single input unchanged
+  (passthrough unscaled): the engine may copy the input file's bytes;
+- `whole_when`: a predicate giving why, with these parameters, a streaming method needs whole
+  tensors (None: it streams), so `mergesmith validate` can say so before a merge;
+- a method taking `stream` observes the whole tensor first, then merges chunks (above); any
+  other method gets whole tensors.
 
 The engine does loading, slicing, dtype, device and memory; a method only does the maths.
 """
@@ -31,6 +42,9 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from mergesmith.errors import MergeError, did_you_mean
+
+#: A method's parameters for one tensor, recipe-named and resolved: globals, per-model lists.
+Params = dict[str, Any]
 
 
 class _Required:
@@ -84,12 +98,32 @@ class MergeMethod:
     paper: str | None = None
     pretty: str = ""
     uses_rng: bool = False
-    streams: bool = False  # takes `stream` (task_vectors.Streaming): the engine may run it in row chunks
+    streams: bool = False  # takes `stream` (`methods.stream.Stream`): observe-then-apply, in row chunks
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)
     # Statistics of the models it needs (`calibration`: "gram", "fisher"), passed as `stats`, or None.
     calibration: str | None = None
+    # The shape (see the module docstring): when chunks merge alike, when it is a copy, when whole.
+    elementwise_when: Callable[[Params], bool] | None = field(default=None, repr=False)
+    identity_when: Callable[[Params], bool] | None = field(default=None, repr=False)
+    whole_when: Callable[[Params], str | None] | None = field(default=None, repr=False)
+
+    def elementwise(self, params: Params) -> bool:
+        """Whether, with `params`, row chunks of a tensor merge alike (element j from elements j)."""
+        return self.elementwise_when is not None and self.elementwise_when(params)
+
+    def identity(self, params: Params) -> bool:
+        """Whether, with `params`, the output is the single input unchanged."""
+        return self.identity_when is not None and self.identity_when(params)
+
+    def whole_reason(self, params: Params) -> str | None:
+        """Why, with `params`, this method needs whole tensors (None: it streams or is element-wise)."""
+        if self.elementwise(params):
+            return None
+        if not self.streams:
+            return f"{self.name} takes whole tensors"
+        return self.whole_when(params) if self.whole_when is not None else None
 
     @property
     def global_params(self) -> dict[str, Param]:
@@ -145,8 +179,13 @@ def merge_method(
     pretty: str | None = None,
     inert: dict[str, str] | None = None,
     calibration: str | None = None,
+    elementwise: bool | Callable[[Params], bool] = False,
+    identity: Callable[[Params], bool] | None = None,
+    whole_when: Callable[[Params], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
+    """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's, the
+    other keywords its shape (module docstring)."""
+    elementwise_when = (lambda params: True) if elementwise is True else (elementwise or None)
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         params: dict[str, Param] = {}
@@ -184,6 +223,9 @@ def merge_method(
             formula=inspect.cleandoc(fn.__doc__ or ""),
             inert=dict(inert or {}),
             calibration=calibration,
+            elementwise_when=elementwise_when,
+            identity_when=identity,
+            whole_when=whole_when,
         )
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")

@@ -11,7 +11,8 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
-from mergesmith.methods.task_vectors import Streaming, sign_consensus
+from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_vectors import sign_consensus
 
 
 def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
@@ -35,6 +36,11 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     summary="SCE: Select top-variance elements, Calculate energy-based weights, Erase minority signs.",
     paper="https://arxiv.org/abs/2408.07990",
     pretty="SCE",
+    whole_when=lambda p: (
+        "select_topk < 1: the variance threshold over the whole tensor comes before the energies"
+        if p.get("select_topk", 1.0) < 1
+        else None
+    ),
 )
 def sce(
     xs: list[torch.Tensor],
@@ -42,7 +48,7 @@ def sce(
     *,
     select_topk: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor | None:
     """tau_i = x_i - b (kept only at the top select_topk of positions by variance across models);
     omega_i = mean(tau_i^2)/sum_j mean(tau_j^2); M_i = [sign tau_i = sign sum_j tau_j];
@@ -52,7 +58,7 @@ def sce(
         return base
     gram = None
     if stream is not None:  # the state first, before touching the inputs
-        gram = stream.pruner(0, lambda i: Gram() if select_topk >= 1 else WholeTensors())
+        gram = stream.state(0, lambda i: Gram() if select_topk >= 1 else WholeTensors())
         if stream.phase == "sample":
             return None
     deltas = [x.sub_(base) for x in xs]

@@ -5,7 +5,7 @@ import math
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram
 from mergesmith.methods.registry import REQUIRED, merge_method
-from mergesmith.methods.task_vectors import Streaming
+from mergesmith.methods.stream import Stream
 
 
 def _weights(gram, t: float, dot_threshold: float = 0.9995) -> tuple[float, float]:
@@ -37,7 +37,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     pretty="SLERP",
 )
 def slerp(
-    xs: list[torch.Tensor], base: torch.Tensor, *, t: float = REQUIRED, stream: Streaming | None = None
+    xs: list[torch.Tensor], base: torch.Tensor, *, t: float = REQUIRED, stream: Stream | None = None
 ) -> torch.Tensor | None:
     """u_k = v_k/|v_k|; d = u0.u1; |d| > 0.9995: (1-t)v0 + t v1;
     else theta = acos d, y = [sin((1-t)theta) v0 + sin(t theta) v1] / sin theta.
@@ -46,7 +46,7 @@ def slerp(
         return base
     if stream is None:
         return slerp_tensors(t, base, xs[0])
-    gram = stream.pruner(0, lambda i: Gram())  # before touching the inputs: `Gram` is not `fusable`
+    gram = stream.state(0, lambda i: Gram())  # before touching the inputs: `Gram` is not `fusable`
     if stream.phase == "sample":
         return None
     if stream.phase == "observe":

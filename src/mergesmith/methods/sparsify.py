@@ -21,6 +21,7 @@ import numpy as np
 from mergesmith import kernels
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.stream import Observation
 from mergesmith.rng import TensorRNG
 
 #: Below this many values a plain `kthvalue` is as fast as anything.
@@ -133,15 +134,9 @@ def sample_blocks(n: int) -> list[tuple[int, int]]:
     return [(j * step, j * step + SAMPLE_RUN) for j in range(SAMPLE_BLOCKS)]
 
 
-class Pruner:
-    """A sparsifier in two passes over a (possibly chunked) delta of `numel` values."""
-
-    numel: int = 0
-    needs_observe = False  # whether `observe` must see every chunk before `apply`
-    streams = True  # False: only whole tensors (the executor then gives it one chunk)
-
-    def setup(self, numel: int) -> None:
-        self.numel = numel
+class Pruner(Observation):
+    """A sparsifier in two passes over a (possibly chunked) delta of `numel` values: what it needs
+    of the whole delta (a threshold, an L1 norm) observed first, then each chunk pruned by it."""
 
     def sample(self, values: torch.Tensor) -> None:
         """The deltas at the flat ranges `sample_blocks(numel)`, concatenated."""
@@ -149,16 +144,11 @@ class Pruner:
     def observe(self, delta: torch.Tensor, start: int) -> None:
         """Chunk of rows starting at flat element `start` (chunks come in order). `delta` may be clobbered."""
 
-    def finish(self) -> bool:
-        """After every chunk was observed: False asks for one more observe pass."""
-        return True
-
     def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         return delta
 
     # The raw lane (`task_vectors`, on the files' values with the compiled kernels): pruners that can
     # run there (`fusable`) observe chunks of raw inputs and give the merging kernel a `kernels.Rule`.
-    fusable = False
 
     def observe_raw(self, x: kernels.Raw, base: kernels.Raw, cols: int, start: int) -> None:
         """`observe` for the chunk of delta x - base (rows of `cols` values) at flat element `start`."""

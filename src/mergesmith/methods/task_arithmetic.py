@@ -6,7 +6,8 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
-from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
+from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
 from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
@@ -23,6 +24,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
     inert={
         "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
     },
+    elementwise=lambda params: all(d >= 1 for d in params.get("density", (1.0,))),
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -34,7 +36,7 @@ def task_arithmetic(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """y = b + lambda * sum_i w_i (x_i - b) [/ sum_i w_i if normalize]. `density` is accepted and ignored:
     mergekit declares it and never applies it, so recipes that set it get mergekit's tensors."""
@@ -57,6 +59,7 @@ def task_arithmetic(
     summary="TIES: trim task vectors by magnitude, elect signs, disjoint mean.",
     paper=TIES_PAPER,
     pretty="TIES",
+    whole_when=whole_if_rescaled,
 )
 def ties(
     xs: list[torch.Tensor],
@@ -68,7 +71,7 @@ def ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """D_i = w_i * topk(x_i - b, density_i); sigma = sign(sum_i D_i);
     y = b + lambda * sum_i [sign D_i = sigma] D_i / sum_i [sign D_i = sigma] w_i."""
@@ -103,7 +106,7 @@ def dare_linear(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """Keep each element of x_i - b with probability density_i, L1-rescale, then task arithmetic."""
     return merge_task_vectors(
@@ -137,7 +140,7 @@ def dare_ties(
     lambda_: float = 1.0,
     int8_mask: bool = False,
     rng: TensorRNG,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor:
     """DARE sparsification, then TIES sign election and disjoint merge."""
     return merge_task_vectors(

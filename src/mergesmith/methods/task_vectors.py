@@ -4,64 +4,35 @@ deltas -> sparsify each (its own density) -> weight -> optional sign consensus -
 -> normalise -> base + lambda * result. A method is this pipeline with a pruner (`sparsify.Pruner`)
 and a consensus switch; new sparsifiers plug in as a `Pruner` made for input index i.
 
-The engine may stream a tensor in row chunks (`Streaming`): a pass that only feeds the pruners
+The engine may stream a tensor in row chunks (`methods.stream`): a pass that only feeds the pruners
 (`observe`: thresholds, L1 norms), then a pass that merges chunk by chunk (`apply`). Everything
 after the pruners is element-wise, so each chunk merges alone.
 
 On the CPU the engine may give the inputs as raw values of the files (`kernels.Raw`, the raw lane):
-then the compiled kernels form the deltas on the fly and the merging pass writes `Streaming.out` in
+then the compiled kernels form the deltas on the fly and the merging pass writes `Stream.out` in
 the output's dtype, with the same float32 operations as the torch pipeline, bit for bit. Pruners
-that cannot run there (`Pruner.fusable`) make `Streaming.fusable` False after the sample phase.
+that cannot run there (`Pruner.fusable`) send the tensor to torch after the sample phase.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 
 from mergesmith import kernels
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.registry import Params
 from mergesmith.methods.sparsify import Pruner, prune_whole
+from mergesmith.methods.stream import Stream
 
 PrunerFor = Callable[[int], Pruner]
 
 
-@dataclass
-class Streaming:
-    """A tensor of `numel` values merged in row chunks: which phase and which chunk this call is.
-
-    phase "sample": the inputs are the fixed samples (`sparsify.sample_blocks`) of the whole inputs; "observe": chunk at flat offset `start`, fed to the pruners only (no result);
-    "apply": merge the chunk. `finish()` between the passes (False: observe once more).
-    The raw lane also says the values per row (`cols`) and where "apply" writes (`out`)."""
-
-    numel: int
-    phase: str = "sample"
-    start: int = 0
-    pruners: dict[int, Pruner] = field(default_factory=dict)
-    needs_observe: bool = False
-    streams: bool = True  # False once a pruner turns out to need whole tensors
-    fusable: bool = True  # False once a pruner turns out not to run on raw values
-    cols: int = 0
-    out: kernels.Raw | None = None
-
-    def pruner(self, i: int, make: PrunerFor) -> Pruner:
-        if i not in self.pruners:
-            p = make(i)
-            p.setup(self.numel)
-            self.pruners[i] = p
-            self.needs_observe |= p.needs_observe
-            self.streams &= p.streams
-            self.fusable &= p.fusable
-        return self.pruners[i]
-
-    def finish(self, run: Callable = map) -> bool:
-        """Every pruner's `finish` (through `run`, a `map`: the engine's runs them on its workers)."""
-        return all(list(run(lambda p: p.finish(), self.pruners.values())))
-
-    def at(self, start: int, out: kernels.Raw | None = None) -> Streaming:
-        """This stream at the chunk starting at flat element `start` (same pruners): chunks may be
-        merged concurrently, each with its own view (and, in the raw lane, its own `out`)."""
-        return replace(self, start=start, out=out)
+def whole_if_rescaled(params: Params) -> str | None:
+    """The magnitude pruners (`sparsify.Magnitude`, `Outliers`) keep the kept L1 norm with
+    `rescale`: below density 1 that needs the threshold first, so whole tensors (`Pruner.streams`)."""
+    if params.get("rescale") and any(d < 1 for d in params.get("density", (1.0,))):
+        return "rescale: true with density < 1: the kept L1 norm needs the threshold first"
+    return None
 
 
 def _fused(deltas: Sequence[torch.Tensor]) -> bool:
@@ -88,7 +59,7 @@ def merge_task_vectors(
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    stream: Streaming | None = None,
+    stream: Stream | None = None,
 ) -> torch.Tensor | None:
     """The merged tensor (or chunk); None in the streaming phases that only feed the pruners, and for
     raw inputs (written to `stream.out`)."""
@@ -99,7 +70,7 @@ def merge_task_vectors(
         for i, x in enumerate(xs):
             d = x.sub_(base)
             if prune is not None:
-                p = stream.pruner(i, prune)
+                p = stream.state(i, prune)
                 if stream.phase == "sample":
                     p.sample(d)
                 elif p.needs_observe:
@@ -111,7 +82,7 @@ def merge_task_vectors(
     for i, x in enumerate(xs):
         d = x.sub_(base)  # the inputs are ours to overwrite
         if prune is not None:
-            d = prune_whole(prune(i), d) if stream is None else stream.pruner(i, prune).apply(d, stream.start)
+            d = prune_whole(prune(i), d) if stream is None else stream.state(i, prune).apply(d, stream.start)
         deltas.append(d.mul_(weights[i]))
     if consensus and _fused(deltas):  # the same float32 operations, one pass (`kernels.ties_combine`)
         combined = torch.from_numpy(
@@ -164,11 +135,11 @@ def _merge_raw(
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    stream: Streaming,
+    stream: Stream,
 ) -> None:
     """`merge_task_vectors` on raw values: the pruners observe through the kernels, and the merging
     pass is one `kernels.task_merge` call with each pruner's rule for the chunk."""
-    pruners = [stream.pruner(i, prune) if prune is not None else Pruner() for i in range(len(xs))]
+    pruners = [stream.state(i, prune) if prune is not None else Pruner() for i in range(len(xs))]
     if not stream.fusable:  # the engine goes back to the torch pipeline
         return None
     if stream.phase == "sample":

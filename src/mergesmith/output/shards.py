@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mergesmith.engine.mapped import pread_exact
+from mergesmith.engine.sinks import ChunkJob, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
@@ -415,29 +416,27 @@ class ShardWriter:
                 f"internal error: computed {list(tensor.shape)} {tensor.dtype}, planned {list(slot.shape)} {slot.dtype}",
                 f"tensor {name}",
             )
-        self.write_at(name, 0, tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), dtype)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.write_chunk(ChunkJob(name, 0, data, dtype))
 
-    def write_at(self, name: str, offset: int, data: np.ndarray, dtype: str) -> None:
-        """Write bytes `data`, a piece of tensor `name` (of `dtype`) starting `offset` bytes into it."""
-        file, at = self._locate(name, offset, data.nbytes, dtype, "chunk")
-        with self._lock:
-            self._put(file, at, data)
+    # -- the executor's `ChunkSink` ----------------------------------------------------------
 
-    def copy_at(
-        self,
-        name: str,
-        offset: int,
-        dtype: str,
-        src: tuple[int, int],
-        nbytes: int,
-        check: Callable[[memoryview], None] | None = None,
-    ) -> None:
-        """Write `nbytes` of tensor `name` from `offset`, read from file descriptor `src[0]` at
-        `src[1]` straight into the output block (a pure copy: no staging buffer). `check` sees
-        the bytes before they can be written."""
-        file, at = self._locate(name, offset, nbytes, dtype, "copy")
+    def check_chunk(self, name: str, data: np.ndarray, dtype: str) -> None:
+        """The writer checks nothing (the audit, wrapped around it, does)."""
+
+    def write_chunk(self, job: ChunkJob) -> None:
+        """Write bytes `job.data`, a piece of tensor `job.name` starting `job.offset` bytes into it."""
+        file, at = self._locate(job.name, job.offset, job.data.nbytes, job.dtype, "chunk")
         with self._lock:
-            views = self._put(file, at, nbytes, src)
+            self._put(file, at, job.data)
+
+    def copy_file(self, job: CopyJob, check: Callable[[memoryview], None] | None = None) -> None:
+        """Write tensor `job.name` from the bytes of file `job.fd` at `job.src_offset`, read straight
+        into the output block (a pure copy: no staging buffer). `check` sees the bytes before they
+        can be written."""
+        file, at = self._locate(job.name, 0, job.nbytes, job.dtype, "copy")
+        with self._lock:
+            views = self._put(file, at, job.nbytes, (job.fd, job.src_offset))
             if check is not None:
                 for view in views:
                     check(view)

@@ -16,10 +16,11 @@ import numpy as np
 from safetensors import safe_open
 
 from mergesmith import kernels
+from mergesmith.engine.sinks import ChunkJob, ChunkSink, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.output.report import update_report
-from mergesmith.output.shards import Shard, layout_shards
+from mergesmith.output.shards import Shard, ShardWriter, layout_shards
 from mergesmith.plan import Plan
 from mergesmith.reliability.checks import config_problems, nonfinite_count
 from mergesmith.reliability.resume import ShardJournal, fingerprint
@@ -27,17 +28,15 @@ from mergesmith.sources import arch
 from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
 from mergesmith.sources.structure import Structure, find_structure
 
-Write = Callable[[str, "torch.Tensor"], None]
-
 
 @dataclass
 class Audit:
-    """Wraps the writer's `write(name, tensor)`: checks finiteness, then forwards; tells the journal
-    when a shard's last tensor is written. Safe to call from several threads."""
+    """A `ChunkSink` around the shard writer (`wrap`): checks each chunk for NaN/Inf, then forwards
+    it; tells the journal when a shard's last tensor is written. Safe to call from several threads."""
 
     journal: ShardJournal
     allow_nonfinite: bool = False
-    forward: Write | None = None  # the writer's write, set by `wrap`
+    forward: ShardWriter | None = None  # the writer, set by `wrap`
     nonfinite: dict[str, int] = field(default_factory=dict)
     checked: int = 0
     write_failed: bool = False  # the writer itself failed (disk full...): the staging dir is worth resuming
@@ -49,59 +48,48 @@ class Audit:
         self._bytes_left = {slot.name: slot.end - slot.start for s in self.journal.pending for slot in s.slots}
         self._bytes_total = dict(self._bytes_left)
 
-    def wrap(self, forward: Write) -> Write:
-        """Audit `forward` (a ShardWriter's `write`); the executor also finds `write_at` for chunks."""
-        self.forward = forward
-        writer = getattr(forward, "__self__", None)
-        if hasattr(writer, "on_hashed"):  # the writer hashes shards as it writes them: no read-back
-            writer.on_hashed = self.journal.shard_written
-        return self.write
+    def wrap(self, writer: ShardWriter) -> ChunkSink:
+        """The sink to give the executor: `writer`, audited. The writer hashes shards as it writes
+        them, so the journal gets their digests with nothing read back."""
+        self.forward = writer
+        writer.on_hashed = self.journal.shard_written
+        return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.check(name, tensor)
-        assert self.forward is not None
-        try:
-            self.forward(name, tensor)
-        except BaseException:
-            self.write_failed = True
-            raise
-        self._tensor_written(name)
-
-    def scan(self, name: str, data: np.ndarray | memoryview, dtype: str) -> None:
-        """The NaN/Inf check of a chunk's bytes, for the executor to run in its computing workers."""
+    def check_chunk(self, name: str, data: np.ndarray | memoryview, dtype: str) -> None:
+        """The NaN/Inf check of a chunk's bytes (the executor runs it in its computing workers)."""
         self._record(name, kernels.nonfinite(data, dtype), data.nbytes, DTYPE_BYTES[dtype])
 
-    def write_at(self, name: str, offset: int, data: np.ndarray, dtype: str, scanned: bool = False) -> None:
-        """Bytes of a chunk of tensor `name` (the executor writes large tensors in row chunks);
-        `scanned`: the executor already ran `scan` on it."""
-        if not scanned:
-            self.scan(name, data, dtype)
-        forward_at = self.forward.__self__.write_at  # type: ignore[union-attr]
+    def write_chunk(self, job: ChunkJob) -> None:
+        """Forward a checked chunk of a tensor (the executor writes large tensors in row chunks)."""
+        assert self.forward is not None
         try:
-            forward_at(name, offset, data, dtype)
+            self.forward.write_chunk(job)
         except BaseException:
             self.write_failed = True
             raise
-        self._chunk_written(name, data.nbytes)
+        self._chunk_written(job.name, job.data.nbytes)
 
-    def copy_at(self, name: str, offset: int, dtype: str, src: tuple[int, int], nbytes: int) -> None:
-        """Bytes of tensor `name` copied from an input file (a pure copy), checked as they land."""
-        forward_copy = self.forward.__self__.copy_at  # type: ignore[union-attr]
+    def copy_file(self, job: CopyJob, check: Callable[[memoryview], None] | None = None) -> None:
+        """Forward a pure copy from an input file, its bytes checked as they land (then by `check`,
+        a check of a sink around this one)."""
+        assert self.forward is not None
         rejected = []
 
-        def check(view: memoryview) -> None:
+        def scan(view: memoryview) -> None:
             try:
-                self.scan(name, view, dtype)
+                self.check_chunk(job.name, view, job.dtype)
             except MergeError:
-                rejected.append(name)
+                rejected.append(job.name)
                 raise
+            if check is not None:
+                check(view)
 
         try:
-            forward_copy(name, offset, dtype, src, nbytes, check=check)
+            self.forward.copy_file(job, check=scan)
         except BaseException:
             self.write_failed = not rejected
             raise
-        self._chunk_written(name, nbytes)
+        self._chunk_written(job.name, job.nbytes)
 
     def _chunk_written(self, name: str, nbytes: int) -> None:
         with self._lock:
@@ -120,8 +108,7 @@ class Audit:
             self._left[shard.file] -= 1
             finished = self._left[shard.file] == 0
         if finished:
-            writer = getattr(self.forward, "__self__", None)
-            if writer is not None and hasattr(writer, "hashing") and writer.hashing(shard.file):
+            if self.forward is not None and self.forward.hashing(shard.file):
                 return  # its digest comes from the writer's hasher (`on_hashed`)
             self.journal.shard_written(shard)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mergesmith.engine.executor import Executor
-from mergesmith.errors import MergeError
+from mergesmith.engine.sinks import ResidentSink
 from mergesmith.plan import plan_merge, referenced_models
 from mergesmith.recipe.schema import MergeConfig, parse_config
 from mergesmith.search.tasks import WeightedTask
@@ -67,17 +67,7 @@ class InMemoryMerger:
         config = parse_config(recipe, "candidate")
         plan = plan_merge(config, self.models)
         executor = Executor(plan, self.readers, dtype=config.dtype, device=self.device, seed=self.seed)
-        with torch.no_grad():
-            for t in plan.tensors:
-                target = self.targets.get(t.name)
-                if target is None:
-                    raise MergeError(f"the resident model has no parameter '{t.name}'", "in-memory merge")
-                value = executor.compute(t)
-                if tuple(value.shape) != tuple(target.shape):
-                    raise MergeError(
-                        f"merged shape {list(value.shape)} differs from the model's {list(target.shape)}", t.name
-                    )
-                target.copy_(value)
+        executor.run(ResidentSink(self.targets, (t.name for t in plan.tensors)))
 
     def score(self, recipe: dict[str, Any]) -> Scored:
         start = time.perf_counter()
