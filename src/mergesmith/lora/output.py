@@ -2,7 +2,10 @@
 
 The merge streams as usual; the write callback receives each merged tensor and hands
 (merged, base) to an AdapterBuilder, so merging several adapters of one base is exact in weight
-space and only the final difference is truncated.
+space and only the final difference is truncated. A tokenizer block's output vocabulary travels
+with the adapter: the embedding rows are read on it (aligned sources), they differ in shape from
+the base's and are kept whole (modules_to_save), and the built tokenizer is written, so a user
+resizes the base to `len(tokenizer)` before loading the adapter.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import load_model_info
 from mergesmith.sources.reader import TensorReader, open_sources
 from mergesmith.sources.refs import ModelRef, parse_ref
+from mergesmith.tokenizer import aligned_sources
+from mergesmith.tokenizer.align import save_output_tokenizer
 
 log = logging.getLogger("mergesmith")
 
@@ -74,14 +79,19 @@ def run_merge_as_lora(
     directory = staged.begin()
     try:
         executor = Executor(
-            plan, open_sources(models), dtype=config.dtype, device=options.device, seed=options.random_seed or 0
+            plan,
+            aligned_sources(models, open_sources(models)),  # embeddings on the output vocabulary, as `run` reads them
+            dtype=config.dtype,
+            device=options.device,
+            seed=options.random_seed or 0,
         )
         executor.run(lambda name, value: builder.add(name, value, reader.get(name)), progress)
         reports = builder.save(directory, str(plain))
         files = ["adapter_model.safetensors", "adapter_config.json", "lora_report.json", "mergesmith_config.yml"]
         (directory / "mergesmith_config.yml").write_text(recipe_text)
         if options.copy_tokenizer:
-            files += model_files.copy_tokenizer(directory, base.directory)
+            built = save_output_tokenizer(directory, models)  # a tokenizer block's vocabulary, else the base's
+            files += built or model_files.copy_tokenizer(directory, base.directory)
         if options.write_model_card:
             summary = report_summary(reports)
             refs = referenced_models(config)
