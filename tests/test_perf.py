@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from mergesmith.engine import executor as executor_module
-from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorReader
@@ -82,7 +82,7 @@ def test_rng_reproducible_and_keyed():
 
 def _plan(recipe: dict):
     config = MergeConfig.model_validate(recipe)
-    plan, infos = prepare(config, MergeOptions())
+    plan, infos = prepare_merge(config, MergeOptions())
     return plan, {k: TensorReader(v) for k, v in infos.items()}
 
 

@@ -21,15 +21,15 @@ from mergesmith.errors import MergeError
 from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
 from mergesmith.lora.card import adapter_card, report_summary
 from mergesmith.lora.kinds import module_kinds, ties_head
-from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, prepare
+from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes
 from mergesmith.output import model_files
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
+from mergesmith.preparation import merge_sources, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import load_model_info
-from mergesmith.sources.reader import TensorReader, open_sources
+from mergesmith.sources.reader import TensorReader
 from mergesmith.sources.refs import ModelRef, parse_ref
-from mergesmith.tokenizer import aligned_sources
 from mergesmith.tokenizer.align import save_output_tokenizer
 
 log = logging.getLogger("mergesmith")
@@ -61,7 +61,7 @@ def run_merge_as_lora(
         raise MergeError("--as-lora writes an adapter of the base model; the recipe needs 'base_model'", "base_model")
     staged = StagedOutput(Path(out), options.overwrite)
     staged.check()
-    plan, models = prepare(config, options)
+    plan, models = prepare_merge(config, options)
     if on_plan is not None:
         on_plan(plan)
     ref = parse_ref(config.base_model, "base_model")
@@ -80,7 +80,7 @@ def run_merge_as_lora(
     try:
         executor = Executor(
             plan,
-            aligned_sources(models, open_sources(models)),  # embeddings on the output vocabulary, as `run` reads them
+            merge_sources(models),  # embeddings on the output vocabulary, as `run` reads them
             dtype=config.dtype,
             device=options.device,
             seed=options.random_seed or 0,

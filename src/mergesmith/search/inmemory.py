@@ -20,11 +20,12 @@ import torch
 from mergesmith.engine.executor import Executor
 from mergesmith.errors import MergeError
 from mergesmith.plan import plan_merge, referenced_models
+from mergesmith.preparation import merge_sources
 from mergesmith.recipe.schema import MergeConfig, parse_config
 from mergesmith.search.tasks import WeightedTask
 from mergesmith.sources.model import ModelInfo, load_model_info
-from mergesmith.sources.reader import TensorSource, open_sources
-from mergesmith.tokenizer import align_vocabularies, aligned_sources
+from mergesmith.sources.reader import TensorSource
+from mergesmith.tokenizer import align_vocabularies
 from mergesmith.tokenizer.align import alignment_of
 
 
@@ -39,7 +40,7 @@ class InMemoryMerger:
         config = parse_config(first_recipe, "genome")
         loaded = {ref.key: load_model_info(ref) for ref in referenced_models(config)}
         self.models: dict[str, ModelInfo] = align_vocabularies(config, loaded)  # the output vocabulary, as `run`
-        self.readers: dict[str, TensorSource] = aligned_sources(self.models, open_sources(self.models))
+        self.readers: dict[str, TensorSource] = merge_sources(self.models)
         self.tasks = tasks
         labels = [t.label for t in tasks]
         self.labels = [lab if labels.count(lab) == 1 else f"{lab}#{i}" for i, lab in enumerate(labels)]
