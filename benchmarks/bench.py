@@ -511,11 +511,11 @@ def plan_bytes(recipe: Path) -> tuple[int, int, int]:
     sys.path.insert(0, str(SRC))
     import yaml
 
-    from mergesmith.merge import MergeOptions, prepare
+    from mergesmith.preparation import MergeOptions, prepare_merge
     from mergesmith.recipe.schema import MergeConfig
 
     config = MergeConfig.model_validate(yaml.safe_load(recipe.read_text()))
-    plan, _ = prepare(config, MergeOptions())
+    plan, _ = prepare_merge(config, MergeOptions())
     return plan.bytes_read, plan.bytes_written, sum(t.nbytes for t in plan.tensors) // 2
 
 

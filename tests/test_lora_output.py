@@ -114,3 +114,55 @@ def test_adapter_card_names_a_hub_base() -> None:
         "tags": ["merge", "mergesmith", "lora"],
     }
     assert "```yaml\nx: 1\n```" in card and "* org/base-model+org/a" in card
+
+
+def test_as_lora_of_a_union_recipe_carries_the_union_tokenizer_and_rows(tmp_path: Path) -> None:
+    """Issue #18: `--as-lora` of a `tokenizer: {source: union}` recipe used to write the base's tokenizer and
+    embedding rows on the base's vocabulary. The adapter must hold the union's tokens, and the embedding and
+    head rows of the full merge (kept whole: they change shape), so base resized + adapter == full merge."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mergesmith.toymodels import make_base, make_vocab_variant
+
+    base = make_base(tmp_path / "base", layers=2, hidden=32, vocab=96, seed=0)
+    chat = make_vocab_variant(base, tmp_path / "chat", seed=1, added=("<|im_start|>", "<|im_end|>"))
+    r = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(chat), "parameters": {"weight": 0.5}}],
+        "tokenizer": {"source": "union"},
+        "dtype": "float32",
+    }
+    merge(r, tmp_path / "full")
+    merge(r, tmp_path / "adapter", "--as-lora", "8")
+    full, out = tmp_path / "full", tmp_path / "adapter"
+
+    def vocab(d: Path) -> dict[str, int]:
+        return json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] | {
+            t["content"]: t["id"] for t in json.loads((d / "tokenizer.json").read_text())["added_tokens"]
+        }
+
+    assert vocab(out) == vocab(full)
+    assert {"<|im_start|>", "<|im_end|>"} <= set(vocab(out)) and "<|im_end|>" not in vocab(base)
+    merged = tensors(full)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    rows = len(vocab(full))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        kept = saved[f"base_model.model.{name}"]
+        assert kept.shape[0] == merged[name].shape[0] >= rows
+        torch.testing.assert_close(kept, merged[name], rtol=0, atol=0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+    model.resize_token_embeddings(merged["model.embed_tokens.weight"].shape[0])
+    applied = PeftModel.from_pretrained(model, str(out)).merge_and_unload().state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(applied[name], merged[name], rtol=0, atol=0)
+    head = tensors(base)["lm_head.weight"]
+    start, end = vocab(full)["<|im_start|>"], vocab(full)["<|im_end|>"]
+    assert max(start, end) >= head.shape[0]  # the added tokens' rows exist only in the union

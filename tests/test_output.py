@@ -11,7 +11,7 @@ from conftest import merge, tensors
 from safetensors import safe_open
 
 from mergesmith.engine.executor import Executor
-from mergesmith.merge import MergeOptions, prepare
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import parse_config
 from mergesmith.sources.reader import TensorReader
 
@@ -106,7 +106,7 @@ def test_dare_independent_of_tensor_order(models):
             ],
         }
     )
-    plan, infos = prepare(recipe, MergeOptions())
+    plan, infos = prepare_merge(recipe, MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     forward = _Kept()
     Executor(plan, readers, seed=3).run(forward)

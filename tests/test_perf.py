@@ -14,8 +14,8 @@ import yaml
 from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
 from mergesmith.engine.lanes.torch_chunked import elementwise
-from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorReader
@@ -84,7 +84,7 @@ def test_rng_reproducible_and_keyed():
 
 def _plan(recipe: dict):
     config = MergeConfig.model_validate(recipe)
-    plan, infos = prepare(config, MergeOptions())
+    plan, infos = prepare_merge(config, MergeOptions())
     return plan, {k: TensorReader(v) for k, v in infos.items()}
 
 

@@ -7,9 +7,9 @@ import torch
 
 from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
-from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import get_method
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorReader
@@ -48,7 +48,7 @@ def test_streamed_equals_whole(models, monkeypatch, method, rescale):
         "models": [{"model": str(models[k]), "parameters": params} for k in ("ft1", "ft2", "ft3")],
     }
     config = MergeConfig.model_validate(recipe)
-    plan, infos = prepare(config, MergeOptions())
+    plan, infos = prepare_merge(config, MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 7) for t in plan.tensors}
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
@@ -117,7 +117,7 @@ def test_shard_digests_while_writing_equal_the_files(tmp_path):
 
 def _chunked(recipe: dict, monkeypatch) -> tuple:
     """(plan, readers, whole-tensor results, an executor streaming a few rows per chunk)."""
-    plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
+    plan, infos = prepare_merge(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     whole = {t.name: _whole(t, readers, 0) for t in plan.tensors}
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)

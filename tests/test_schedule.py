@@ -16,8 +16,8 @@ import yaml
 from conftest import run_cli
 
 from mergesmith.engine.schedule import schedule
-from mergesmith.merge import MergeOptions, prepare
 from mergesmith.output.shards import layout_shards
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import load_config
 
 LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV = 126, 16384, 53248, 128256, 128, 8
@@ -100,7 +100,7 @@ def recipe_405b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_405b_schedule_balances_tasks_and_sums_to_the_plan(recipe_405b):
     config, _ = load_config(recipe_405b)
-    plan, _ = prepare(config, MergeOptions())
+    plan, _ = prepare_merge(config, MergeOptions())
     assert plan.bytes_written == 2 * PARAMS  # ~811 GB of bf16
     assert plan.bytes_read == 2 * plan.bytes_written  # two models, each tensor read once
     shards = layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], 5_000_000_000)

@@ -13,7 +13,7 @@ from conftest import merge, tensors
 from mergesmith.engine.executor import Executor
 from mergesmith.engine.sinks import ChunkJob, ChunkSink, CopyJob, ResidentSink, TensorSink, sink_kind
 from mergesmith.errors import MergeError
-from mergesmith.merge import MergeOptions, prepare
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import parse_config
 from mergesmith.sources.reader import open_sources
 from mergesmith.toymodels import load_state_dict
@@ -64,7 +64,7 @@ def _recipe(models) -> dict:
 
 
 def _executor(recipe: dict) -> Executor:
-    plan, infos = prepare(parse_config(recipe), MergeOptions())
+    plan, infos = prepare_merge(parse_config(recipe), MergeOptions())
     return Executor(plan, open_sources(infos))
 
 

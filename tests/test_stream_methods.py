@@ -13,9 +13,9 @@ import yaml
 
 from mergesmith.engine import chunks
 from mergesmith.engine import executor as executor_module
-from mergesmith.merge import MergeOptions, prepare
 from mergesmith.methods import arcee_fusion
 from mergesmith.methods.registry import get_method
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorReader
@@ -46,7 +46,7 @@ def whole(t, readers, seed: int = 0) -> torch.Tensor:
 def streamed_equals_whole(recipe: dict, monkeypatch) -> tuple:
     """Every tensor streamed equals it whole; returns (a >= 2-D tensor, its float64 inputs, its result)."""
     assert get_method(recipe["merge_method"]).streams or recipe["merge_method"] in ("ram", "nearswap")  # element-wise
-    plan, infos = prepare(MergeConfig.model_validate(recipe), MergeOptions())
+    plan, infos = prepare_merge(MergeConfig.model_validate(recipe), MergeOptions())
     readers = {k: TensorReader(v) for k, v in infos.items()}
     expected = {t.name: whole(t, readers) for t in plan.tensors}
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 100)  # three rows of 32 per chunk

@@ -201,14 +201,14 @@ def test_tied_and_untied_inputs_write_an_untied_head(vm, tmp_path):
 
 
 def test_without_a_tokenizer_block_vocab_follows_the_rows(vm, tmp_path):
-    from mergesmith.merge import MergeOptions, prepare
+    from mergesmith.preparation import MergeOptions, prepare_merge
     from mergesmith.recipe.schema import parse_config
 
     lin = {
         "merge_method": "linear",
         "models": [{"model": str(vm[k]), "parameters": {"weight": 1.0}} for k in ("base", "padded")],
     }
-    plan, _ = prepare(parse_config(lin), MergeOptions())
+    plan, _ = prepare_merge(parse_config(lin), MergeOptions())
     for name in (EMBED, HEAD):  # the warning names each tensor and every model's size
         assert any(w.startswith(name) and "[128, 32]" in w and "[96, 32]" in w for w in plan.warnings)
     merge(lin, tmp_path / "lin")

@@ -15,37 +15,16 @@ from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
 from mergesmith.output.staging import StagedOutput
-from mergesmith.plan import OutputTensor, Plan, plan_merge, referenced_models
-from mergesmith.recipe.leniency import check_recipe, enforce
+from mergesmith.plan import OutputTensor, Plan, referenced_models
+from mergesmith.preparation import MergeOptions, merge_sources, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.reliability.audit import Audit, finish_report, merge_fingerprint, open_audit
 from mergesmith.reliability.resume import finished_problem, record_finished
-from mergesmith.sources.model import ModelInfo, load_model_info
-from mergesmith.sources.reader import open_sources
+from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import parse_ref
-from mergesmith.tokenizer import align_vocabularies, aligned_sources, save_vocabulary
+from mergesmith.tokenizer import save_vocabulary
 
 log = logging.getLogger("mergesmith")
-
-
-@dataclass
-class MergeOptions:
-    device: str = "cpu"
-    out_shard_size: int = 5_000_000_000
-    copy_tokenizer: bool = True
-    write_model_card: bool = True
-    random_seed: int | None = None
-    overwrite: bool = False
-    transformers_cache: str | None = None
-    safe_serialization: bool = True
-    trust_remote_code: bool = False
-    lora_merge_cache: str | None = None
-    lora_merge_dtype: str | None = None  # dtype of base+LoRA tensors (and of their cache)
-    resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
-    allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
-    strict: bool = False  # a key or parameter mergekit would ignore is an error, not a warning
-    workers: int = 0  # > 0: split the merge into this many Ray tasks (engine.distributed)
-    ray_address: str | None = None  # a running Ray cluster to use (else --workers starts a local one)
 
 
 @dataclass
@@ -75,35 +54,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelInfo]:
-    return {
-        ref.key: load_model_info(
-            ref, options.transformers_cache, options.lora_merge_cache, lora_merge_dtype=options.lora_merge_dtype
-        )
-        for ref in referenced_models(config)
-    }
-
-
-def prepare(config: MergeConfig, options: MergeOptions) -> tuple[Plan, dict[str, ModelInfo]]:
-    """Metadata only: resolve every model and build the plan (what `--dry-run` shows)."""
-    get_method(config.merge_method)  # an unknown method fails before any model is touched
-    report_ignored(config, options.strict)
-    models = load_models(config, options)
-    models = align_vocabularies(
-        config, models, options.transformers_cache
-    )  # a tokenizer block puts every embedding on the output vocab
-    return plan_merge(config, models), models
-
-
-def report_ignored(config: MergeConfig, strict: bool, source: str = "recipe") -> None:
-    """Each key or parameter the merge ignores, as mergekit does: a warning, or with `strict` an error
-    raised before any model is opened."""
-    found = check_recipe(config)
-    enforce(found, strict, source)
-    for f in found:
-        (log.warning if f.level == "warning" else log.info)(f.line())
-
-
 def write_weights(
     plan: Plan,
     models: dict[str, ModelInfo],
@@ -119,7 +69,7 @@ def write_weights(
     audit = audit or open_audit(directory, plan, models, options)
     writer = ShardWriter(directory, audit.journal.pending, index=False)  # the journal writes the whole index
     try:
-        sources = aligned_sources(models, open_sources(models))  # embeddings on the output vocabulary
+        sources = merge_sources(models)
         executor = Executor(
             audit.journal.pending_plan(plan),
             sources,
@@ -194,7 +144,7 @@ def run_merge(
     finished = options.resume and not options.overwrite and staged.has_files()
     if not finished:
         staged.check()
-    plan, models = prepare(config, options)
+    plan, models = prepare_merge(config, options)
     distributed = bool(options.workers or options.ray_address)
     if distributed:
         from mergesmith.engine.distributed import require_ray

@@ -95,10 +95,11 @@ def merge_task(
     config: MergeConfig, options: MergeOptions, files: tuple[str, ...], expected: str, staging: str
 ) -> TaskResult:
     """Runs in a Ray worker: write shards `files` of the merge into `staging`."""
-    from mergesmith.merge import prepare, write_weights
+    from mergesmith.merge import write_weights
+    from mergesmith.preparation import prepare_merge
     from mergesmith.reliability.audit import Audit
 
-    plan, models = prepare(config, options)
+    plan, models = prepare_merge(config, options)
     directory = Path(staging)
     seen = open_audit_fingerprint(plan, models, options)
     if seen != expected:

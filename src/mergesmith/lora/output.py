@@ -2,7 +2,10 @@
 
 The merge streams as usual; the write callback receives each merged tensor and hands
 (merged, base) to an AdapterBuilder, so merging several adapters of one base is exact in weight
-space and only the final difference is truncated.
+space and only the final difference is truncated. A tokenizer block's output vocabulary travels
+with the adapter: the embedding rows are read on it (aligned sources), they differ in shape from
+the base's and are kept whole (modules_to_save), and the built tokenizer is written, so a user
+resizes the base to `len(tokenizer)` before loading the adapter.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
 from mergesmith.lora.card import adapter_card, report_summary
 from mergesmith.lora.kinds import module_kinds, ties_head
 from mergesmith.lora.sink import AdapterSink
-from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, prepare
+from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, statistics_for
 from mergesmith.output import model_files
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
+from mergesmith.preparation import merge_sources, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import load_model_info
-from mergesmith.sources.reader import TensorReader, open_sources
+from mergesmith.sources.reader import TensorReader
 from mergesmith.sources.refs import ModelRef, parse_ref
+from mergesmith.tokenizer.align import save_output_tokenizer
 
 log = logging.getLogger("mergesmith")
 
@@ -57,7 +62,7 @@ def run_merge_as_lora(
         raise MergeError("--as-lora writes an adapter of the base model; the recipe needs 'base_model'", "base_model")
     staged = StagedOutput(Path(out), options.overwrite)
     staged.check()
-    plan, models = prepare(config, options)
+    plan, models = prepare_merge(config, options)
     if on_plan is not None:
         on_plan(plan)
     ref = parse_ref(config.base_model, "base_model")
@@ -75,14 +80,20 @@ def run_merge_as_lora(
     directory = staged.begin()
     try:
         executor = Executor(
-            plan, open_sources(models), dtype=config.dtype, device=options.device, seed=options.random_seed or 0
+            plan,
+            merge_sources(models),  # embeddings on the output vocabulary, as `run` reads them
+            dtype=config.dtype,
+            device=options.device,
+            seed=options.random_seed or 0,
+            statistics=statistics_for(plan, models, config, options),
         )
         executor.run(AdapterSink(builder, reader), progress)
         reports = builder.save(directory, str(plain))
         files = ["adapter_model.safetensors", "adapter_config.json", "lora_report.json", "mergesmith_config.yml"]
         (directory / "mergesmith_config.yml").write_text(recipe_text)
         if options.copy_tokenizer:
-            files += model_files.copy_tokenizer(directory, base.directory)
+            built = save_output_tokenizer(directory, models)  # a tokenizer block's vocabulary, else the base's
+            files += built or model_files.copy_tokenizer(directory, base.directory)
         if options.write_model_card:
             summary = report_summary(reports)
             refs = referenced_models(config)

@@ -3,6 +3,10 @@
 The input models are opened once (memory-mapped safetensors); one `transformers` model stays
 loaded. For each candidate the recipe is planned (pure, cheap), every output tensor is computed by
 the engine and copied into the matching parameter in place. No checkpoint is written.
+
+A tokenizer block (`tokenizer: {source: union}` and the like) is aligned once, from the first
+recipe, as `run` does: the sources put every embedding on the output vocabulary, the resident model
+is resized to it and scored with the built tokenizer, so a candidate scores what `run` would write.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import torch
 from mergesmith.engine.executor import Executor
 from mergesmith.engine.sinks import ResidentSink
 from mergesmith.plan import plan_merge, referenced_models
+from mergesmith.preparation import merge_sources
 from mergesmith.recipe.schema import MergeConfig, parse_config
 from mergesmith.search.tasks import WeightedTask
 from mergesmith.sources.model import ModelInfo, load_model_info
-from mergesmith.sources.reader import TensorSource, open_sources
+from mergesmith.sources.reader import TensorSource
+from mergesmith.tokenizer import align_vocabularies
+from mergesmith.tokenizer.align import alignment_of
 
 
 @dataclass
@@ -31,8 +38,9 @@ class Scored:
 class InMemoryMerger:
     def __init__(self, first_recipe: dict[str, Any], tasks: list[WeightedTask], device: str = "cpu", seed: int = 0):
         config = parse_config(first_recipe, "genome")
-        self.models: dict[str, ModelInfo] = {ref.key: load_model_info(ref) for ref in referenced_models(config)}
-        self.readers: dict[str, TensorSource] = open_sources(self.models)
+        loaded = {ref.key: load_model_info(ref) for ref in referenced_models(config)}
+        self.models: dict[str, ModelInfo] = align_vocabularies(config, loaded)  # the output vocabulary, as `run`
+        self.readers: dict[str, TensorSource] = merge_sources(self.models)
         self.tasks = tasks
         labels = [t.label for t in tasks]
         self.labels = [lab if labels.count(lab) == 1 else f"{lab}#{i}" for i, lab in enumerate(labels)]
@@ -54,8 +62,14 @@ class InMemoryMerger:
         tok_dir = donor
         if isinstance(config.tokenizer_source, str) and config.tokenizer_source not in ("base", "union"):
             tok_dir = self.models.get(config.tokenizer_source, self.models[plan.donor]).directory
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        return model, tokenizer
+        alignment = alignment_of(self.models)
+        if alignment is None:
+            return model, AutoTokenizer.from_pretrained(tok_dir)
+        embed = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        rows = next((t.shape[0] for t in plan.tensors if t.name == embed), None)
+        if rows is not None:  # the donor's rows become the output vocabulary's; load_weights fills them
+            model.resize_token_embeddings(rows)
+        return model, alignment.built.tokenizer
 
     def _parameters(self) -> dict[str, torch.Tensor]:
         named = dict(self.model.named_parameters(remove_duplicate=False))

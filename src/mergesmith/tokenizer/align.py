@@ -240,6 +240,18 @@ def aligned_sources(models: Mapping[str, ModelInfo], readers: dict[str, TensorSo
     return {k: AlignedSource(k, alignment, readers) for k in readers}
 
 
+def save_output_tokenizer(directory: Path, models: Mapping[str, ModelInfo]) -> list[str]:
+    """Write only the built tokenizer (an adapter has no config.json to remap): its file names, [] when none
+    was built. `--as-lora` of a union recipe must carry the tokens its embedding rows were made for."""
+    alignment = alignment_of(models)
+    if alignment is None:
+        return []
+    before = set(directory.iterdir())
+    alignment.built.tokenizer.save_pretrained(str(directory))
+    log.info(alignment.summary())
+    return sorted(p.name for p in set(directory.iterdir()) - before)
+
+
 def save_vocabulary(directory: Path, models: Mapping[str, ModelInfo], donor: str, save_tokenizer: bool) -> bool:
     """Write the built tokenizer, special ids and the vocabulary report; False when none was built."""
     alignment = alignment_of(models)
