@@ -14,37 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from mergesmith.dtypes import DTYPE_BYTES, ST_DTYPES, numel
 from mergesmith.errors import MergeError
 from mergesmith.sources.refs import ModelRef
 
-ST_DTYPES = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-DTYPE_BYTES = {
-    "bfloat16": 2,
-    "float16": 2,
-    "float32": 4,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
 HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 
 
@@ -56,10 +29,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
