@@ -5,6 +5,7 @@ from __future__ import annotations
 from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
+from mergesmith.methods.task_arithmetic import STORAGE_ONLY
 from mergesmith.methods.task_vectors import Streaming, merge_task_vectors
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
@@ -17,6 +18,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
     summary="Model Breadcrumbs: drop each task vector's largest (gamma) and smallest magnitudes, then add.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs",
+    storage_only=STORAGE_ONLY,
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -52,6 +54,7 @@ def breadcrumbs(
     summary="Model Breadcrumbs sparsification with TIES sign consensus.",
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs with TIES",
+    storage_only=STORAGE_ONLY,
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

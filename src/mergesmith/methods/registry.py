@@ -88,6 +88,8 @@ class MergeMethod:
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)
+    # Parameters declared only for mergekit's storage (no value changes anywhere), with why: notes.
+    storage_only: dict[str, str] = field(default_factory=dict)
 
     @property
     def global_params(self) -> dict[str, Param]:
@@ -132,6 +134,7 @@ def merge_method(
     paper: str | None = None,
     pretty: str | None = None,
     inert: dict[str, str] | None = None,
+    storage_only: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's."""
 
@@ -168,7 +171,10 @@ def merge_method(
             streams=streams,
             formula=inspect.cleandoc(fn.__doc__ or ""),
             inert=dict(inert or {}),
+            storage_only=dict(storage_only or {}),
         )
+        if undeclared := set(method.storage_only) - set(params):
+            raise TypeError(f"{fn.__name__}: storage_only names undeclared parameters {sorted(undeclared)}")
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = method

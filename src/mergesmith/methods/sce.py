@@ -11,6 +11,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
+from mergesmith.methods.task_arithmetic import STORAGE_ONLY
 from mergesmith.methods.task_vectors import Streaming, sign_consensus
 
 
@@ -35,6 +36,7 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     summary="SCE: Select top-variance elements, Calculate energy-based weights, Erase minority signs.",
     paper="https://arxiv.org/abs/2408.07990",
     pretty="SCE",
+    storage_only=STORAGE_ONLY,
 )
 def sce(
     xs: list[torch.Tensor],

@@ -11,6 +11,8 @@ from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+#: Declared by mergekit's task-vector methods to save memory; changes no value here (recipe/leniency.py notes it).
+STORAGE_ONLY = {"int8_mask": "mergekit's int8 storage for masks; masks never use much memory here"}
 
 
 @merge_method(
@@ -23,6 +25,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
     inert={
         "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
     },
+    storage_only=STORAGE_ONLY,
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -57,6 +60,7 @@ def task_arithmetic(
     summary="TIES: trim task vectors by magnitude, elect signs, disjoint mean.",
     paper=TIES_PAPER,
     pretty="TIES",
+    storage_only=STORAGE_ONLY,
 )
 def ties(
     xs: list[torch.Tensor],
@@ -91,6 +95,7 @@ def ties(
     summary="DARE: drop delta elements at random, rescale, add.",
     paper=DARE_PAPER,
     pretty="DARE",
+    storage_only=STORAGE_ONLY,
 )
 def dare_linear(
     xs: list[torch.Tensor],
@@ -125,6 +130,7 @@ def dare_linear(
     summary="DARE random drop with TIES sign consensus.",
     paper=DARE_PAPER,
     pretty="DARE TIES",
+    storage_only=STORAGE_ONLY,
 )
 def dare_ties(
     xs: list[torch.Tensor],
