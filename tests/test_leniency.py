@@ -166,3 +166,25 @@ def test_tokenizer_source_may_be_a_model_that_is_not_merged(models, tmp_path):
     torch.testing.assert_close(got[embed][:n], (a[embed] + b[embed]) / 2)
     assert torch.equal(got[embed][n:], torch.zeros(2, a[embed].shape[1]))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == n + 2
+
+
+def test_storage_only_parameters_come_from_the_declarations() -> None:
+    """`int8_mask` is a note because the task-vector methods declare it storage-only, not by name."""
+    import pytest
+
+    from mergesmith.methods.registry import METHODS, get_method, merge_method
+    from mergesmith.recipe.leniency import storage_only
+
+    get_method("ties")  # registers every method
+    declaring = sorted(n for n, m in METHODS.items() if "int8_mask" in m.storage_only)
+    for name in ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce"):
+        assert name in declaring
+        assert "int8_mask" in METHODS[name].params  # still accepted, still shown by `mergesmith methods`
+    assert set(storage_only()) == {"int8_mask"}
+    with pytest.raises(TypeError, match="undeclared"):
+
+        @merge_method("storage_only_probe", summary="x", storage_only={"int8_mask": "why"})
+        def probe(xs: list, *, weight: float = 1.0) -> None:  # declares no int8_mask
+            return None
+
+    assert "storage_only_probe" not in METHODS

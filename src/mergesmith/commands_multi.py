@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import STRICT_HELP, main, setup_logging, tuning_flags, user_errors
-from mergesmith.cli import merge_options as cli_merge_options
+from mergesmith.commandline import STRICT_HELP, main, setup_logging, tuning_flags, user_errors
+from mergesmith.commandline import merge_options as cli_merge_options
 
 MERGE_FLAGS = [
     click.option("--cuda/--no-cuda", default=False, help="Run the arithmetic on the GPU."),

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mergesmith.sources.model import DTYPE_BYTES
+from mergesmith.dtypes import DTYPE_BYTES
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

@@ -11,13 +11,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mergesmith.dtypes import DTYPE_BYTES, numel
 from mergesmith.errors import MergeError, did_you_mean
 from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.recipe.post import LiNeS, parse_post
 from mergesmith.recipe.schema import MergeConfig, SliceSource
 from mergesmith.recipe.settings import Setting, parse_setting, reader_for
 from mergesmith.sources import arch
-from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
+from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import ModelRef, parse_ref
 from mergesmith.sources.structure import Structure, find_structure
 
@@ -45,10 +46,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape) * DTYPE_BYTES[self.dtype]
 
     @property
     def others(self) -> tuple[InputTensor, ...]:
@@ -69,10 +67,7 @@ class Plan:
         seen: dict[tuple[str, str], int] = {}
         for t in self.tensors:
             for x in t.inputs:
-                n = DTYPE_BYTES[x.dtype]
-                for s in x.shape:
-                    n *= s
-                seen[(x.model, x.name)] = n
+                seen[(x.model, x.name)] = numel(x.shape) * DTYPE_BYTES[x.dtype]
         return sum(seen.values())
 
     @property

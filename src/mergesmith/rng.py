@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from mergesmith import kernels
+from mergesmith.dtypes import numel
 from mergesmith.lazy_torch import torch
 
 
@@ -38,7 +39,7 @@ class TensorRNG:
     ) -> torch.Tensor:
         """Float32 uniform draws in [0, 1) for `shape` (from draw `start` on): (u >> 8) * 2**-24 of the
         raw words u."""
-        values = kernels.uniform(self.stream_key(stream), start, _numel(shape))
+        values = kernels.uniform(self.stream_key(stream), start, numel(shape))
         out = torch.from_numpy(values).view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
 
@@ -65,7 +66,7 @@ class TensorRNG:
         if cut in (0, 1 << 32):
             out = torch.full(tuple(shape), cut > 0, dtype=torch.bool)
         else:
-            out = torch.from_numpy(kernels.keep_mask(self.stream_key(stream), start, _numel(shape), cut))
+            out = torch.from_numpy(kernels.keep_mask(self.stream_key(stream), start, numel(shape), cut))
             out = out.view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
 
@@ -88,10 +89,3 @@ class TensorRNG:
         before = kernels.row_l1(rows.numpy()).tolist()
         self.keep_apply(rows, p, stream, start)
         return before, kernels.row_l1(rows.numpy()).tolist()
-
-
-def _numel(shape: torch.Size | tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

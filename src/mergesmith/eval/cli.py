@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mergesmith.cli import main, setup_logging, user_errors
+from mergesmith.commandline import main, setup_logging, user_errors
 from mergesmith.errors import MergeError
 from mergesmith.extras import require
 

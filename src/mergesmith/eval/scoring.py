@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.eval.tasks import AnswerExample, ChoiceExample
+from mergesmith.eval.examples import AnswerExample, ChoiceExample
 
 ANSWER_MARGIN = 2  # extra new tokens beyond the longest answer, so "answer + more" is seen as wrong
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from mergesmith.errors import MergeError
+from mergesmith.eval.examples import AnswerExample, ChoiceExample
 
 
 @runtime_checkable
@@ -25,22 +26,6 @@ class Task(Protocol):
     ) -> dict[str, float]:
         """Score `model` (already loaded, in eval mode) and return metrics, their stderrs and `n`."""
         ...
-
-
-@dataclass(frozen=True)
-class AnswerExample:
-    prompt: str
-    answer: str
-    stop: tuple[str, ...] = ()
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class ChoiceExample:
-    prompt: str
-    choices: tuple[str, ...]
-    label: int
-    id: str | None = None
 
 
 def _string(row: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str | None:
@@ -145,7 +130,7 @@ class JsonlTask:
     def evaluate(
         self, model: Any, tokenizer: Any, *, batch_size: int = 8, limit: int | None = None
     ) -> dict[str, float]:
-        from mergesmith.eval import scoring
+        from mergesmith.eval import scoring  # (imports torch: only when a model is scored)
 
         examples = self.examples[:limit] if limit is not None else self.examples
         if self.kind == "exact_match":

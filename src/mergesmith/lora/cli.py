@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import main, setup_logging, user_errors
+from mergesmith.commandline import main, setup_logging, user_errors
 from mergesmith.errors import MergeError
 
 

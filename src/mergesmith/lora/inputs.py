@@ -9,6 +9,7 @@ import re
 import zlib
 from pathlib import Path
 
+from mergesmith.dtypes import DTYPE_ALIASES
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import load_adapter
 from mergesmith.lora.source import LoraSource, bind
@@ -16,7 +17,6 @@ from mergesmith.sources.model import ModelInfo, TensorMeta
 from mergesmith.sources.refs import ModelRef
 
 MERGE_DTYPES = {"bfloat16", "float16", "float32", "float64"}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 def merge_dtype(text: str | None) -> str | None:

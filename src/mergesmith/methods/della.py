@@ -6,6 +6,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_arithmetic import STORAGE_ONLY
 from mergesmith.methods.task_vectors import merge_task_vectors
 from mergesmith.rng import TensorRNG
 
@@ -19,6 +20,7 @@ DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
     summary="DELLA: magnitude-ranked random drop per row, L1 rescale, TIES sign consensus.",
     paper=DELLA_PAPER,
     pretty="DELLA",
+    storage_only=STORAGE_ONLY,
 )
 def della(
     xs: list[torch.Tensor],
@@ -55,6 +57,7 @@ def della(
     summary="DELLA sparsification without sign consensus: task arithmetic on MAGPRUNE-dropped deltas.",
     paper=DELLA_PAPER,
     pretty="Linear DELLA",
+    storage_only=STORAGE_ONLY,
 )
 def della_linear(
     xs: list[torch.Tensor],

@@ -125,6 +125,9 @@ class MergeMethod:
             return f"{self.name} takes whole tensors"
         return self.whole_when(params) if self.whole_when is not None else None
 
+    # Parameters declared only for mergekit's storage (no value changes anywhere), with why: notes.
+    storage_only: dict[str, str] = field(default_factory=dict)
+
     @property
     def global_params(self) -> dict[str, Param]:
         return {k: p for k, p in self.params.items() if not p.per_model}
@@ -182,6 +185,7 @@ def merge_method(
     elementwise: bool | Callable[[Params], bool] = False,
     identity: Callable[[Params], bool] | None = None,
     whole_when: Callable[[Params], str | None] | None = None,
+    storage_only: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's, the
     other keywords its shape (module docstring)."""
@@ -226,7 +230,10 @@ def merge_method(
             elementwise_when=elementwise_when,
             identity_when=identity,
             whole_when=whole_when,
+            storage_only=dict(storage_only or {}),
         )
+        if undeclared := set(method.storage_only) - set(params):
+            raise TypeError(f"{fn.__name__}: storage_only names undeclared parameters {sorted(undeclared)}")
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = method

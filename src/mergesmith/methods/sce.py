@@ -12,6 +12,7 @@ from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
 from mergesmith.methods.stream import Stream
+from mergesmith.methods.task_arithmetic import STORAGE_ONLY
 from mergesmith.methods.task_vectors import sign_consensus
 
 
@@ -41,6 +42,7 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
         if p.get("select_topk", 1.0) < 1
         else None
     ),
+    storage_only=STORAGE_ONLY,
 )
 def sce(
     xs: list[torch.Tensor],

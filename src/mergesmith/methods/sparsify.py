@@ -557,25 +557,3 @@ def prune_whole(pruner: Pruner, delta: torch.Tensor) -> torch.Tensor:
             if pruner.finish():
                 break
     return pruner.apply(delta, 0)
-
-
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the floor(density * n) largest-magnitude elements (TIES). None kept -> all zero."""
-    return prune_whole(Magnitude(density, rescale), delta)
-
-
-def random(delta: torch.Tensor, density: float, rng: TensorRNG, stream: int, rescale: bool = False) -> torch.Tensor:
-    """Keep each element with probability `density` (DARE)."""
-    return prune_whole(Random(density, rng, stream, rescale), delta)
-
-
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Breadcrumbs: see `Outliers`."""
-    return prune_whole(Outliers(density, gamma, rescale), delta)
-
-
-def della_magprune(
-    delta: torch.Tensor, density: float, epsilon: float, rng: TensorRNG, stream: int, rescale: bool = False
-) -> torch.Tensor:
-    """DELLA: see `MagPrune`."""
-    return prune_whole(MagPrune(density, epsilon, rng, stream, rescale), delta)

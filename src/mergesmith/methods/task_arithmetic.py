@@ -12,6 +12,8 @@ from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+#: Declared by mergekit's task-vector methods to save memory; changes no value here (recipe/leniency.py notes it).
+STORAGE_ONLY = {"int8_mask": "mergekit's int8 storage for masks; masks never use much memory here"}
 
 
 @merge_method(
@@ -25,6 +27,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
         "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
     },
     elementwise=lambda params: all(d >= 1 for d in params.get("density", (1.0,))),
+    storage_only=STORAGE_ONLY,
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -60,6 +63,7 @@ def task_arithmetic(
     paper=TIES_PAPER,
     pretty="TIES",
     whole_when=whole_if_rescaled,
+    storage_only=STORAGE_ONLY,
 )
 def ties(
     xs: list[torch.Tensor],
@@ -94,6 +98,7 @@ def ties(
     summary="DARE: drop delta elements at random, rescale, add.",
     paper=DARE_PAPER,
     pretty="DARE",
+    storage_only=STORAGE_ONLY,
 )
 def dare_linear(
     xs: list[torch.Tensor],
@@ -128,6 +133,7 @@ def dare_linear(
     summary="DARE random drop with TIES sign consensus.",
     paper=DARE_PAPER,
     pretty="DARE TIES",
+    storage_only=STORAGE_ONLY,
 )
 def dare_ties(
     xs: list[torch.Tensor],

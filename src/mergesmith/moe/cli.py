@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mergesmith.cli import STRICT_HELP, log, main, parse_size, setup_logging, user_errors
+from mergesmith.commandline import STRICT_HELP, log, main, parse_size, setup_logging, user_errors
 from mergesmith.errors import MergeError
 
 

@@ -22,8 +22,11 @@ from mergesmith.recipe.schema import MergeConfig
 
 IGNORED = "ignored, as mergekit does"
 
-#: Declared by mergekit's methods to save memory, with no effect on any value: nothing to warn about.
-STORAGE_ONLY = {"int8_mask": "mergekit's int8 storage for masks; masks never use much memory here"}
+
+def storage_only() -> dict[str, str]:
+    """Parameters some method declares as storage-only (`MergeMethod.storage_only`, e.g. `int8_mask`),
+    with why. They change no value on any method, so set on any method they are a note, not a warning."""
+    return {key: why for m in METHODS.values() for key, why in m.storage_only.items()}
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,13 @@ def parameter_blocks(config: MergeConfig) -> Iterator[tuple[str, Mapping[str, An
 
 def ignored_parameters(config: MergeConfig, method: MergeMethod) -> list[Ignored]:
     found: list[Ignored] = []
+    notes = storage_only()
     for where, block, per_model_only in parameter_blocks(config):
         for key, value in (block or {}).items():
             path = f"{where}.{key}"
             param = method.params.get(key)
-            if key in STORAGE_ONLY:  # on any method: it changes no value anywhere
-                found.append(Ignored(path, f"'{key}' has no effect here: {STORAGE_ONLY[key]}", "note"))
+            if key in notes:  # on any method: it changes no value anywhere
+                found.append(Ignored(path, f"'{key}' has no effect here: {notes[key]}", "note"))
                 continue
             if param is None:
                 found.append(

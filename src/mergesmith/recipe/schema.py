@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergesmith.dtypes import DTYPE_ALIASES
 from mergesmith.errors import MergeError, did_you_mean
 
 DTYPES = {"bfloat16", "float16", "float32", "float64", "int64"}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 ModelRefLike = str | dict[str, Any]
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mergesmith.cli import STRICT_HELP, main, parse_size, setup_logging, user_errors
+from mergesmith.commandline import STRICT_HELP, main, parse_size, setup_logging, user_errors
 from mergesmith.errors import MergeError
 
 if TYPE_CHECKING:

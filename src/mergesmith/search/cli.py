@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mergesmith.cli import main, setup_logging, user_errors
+from mergesmith.commandline import main, setup_logging, user_errors
 from mergesmith.search.optimizers import OPTIMIZERS
 
 

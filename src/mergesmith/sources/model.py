@@ -8,43 +8,19 @@ tensor data. PyTorch `.bin` checkpoints are opened only with `torch.load(weights
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+# ST_DTYPES and header_length are re-exported for the modules that still import them from here.
+from mergesmith.dtypes import DTYPE_BYTES, numel
+from mergesmith.dtypes import ST_DTYPES as ST_DTYPES
 from mergesmith.errors import MergeError
+from mergesmith.safetensors_header import header_length as header_length
+from mergesmith.safetensors_header import parse_entries, read_header
 from mergesmith.sources.refs import ModelRef
 
-ST_DTYPES = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-DTYPE_BYTES = {
-    "bfloat16": 2,
-    "float16": 2,
-    "float32": 4,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
 HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 
 
@@ -56,10 +32,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -89,57 +62,15 @@ def read_json(path: Path) -> Any:
         raise MergeError(f"not valid JSON: {err}", str(path)) from None
 
 
-#: A larger safetensors header is taken as corruption (real ones are a few MB at most).
-MAX_HEADER = 100_000_000
-
-
-def header_length(head: bytes, size: int | None, where: str) -> int:
-    """The JSON header's length from a safetensors file's first 8 bytes, checked against `size`."""
-    if len(head) < 8:
-        raise MergeError("truncated safetensors file (no header)", where)
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER or (size is not None and n > size - 8):
-        raise MergeError("corrupt safetensors file (header length exceeds the file)", where)
-    return n
-
-
 def parse_header(raw: bytes, n: int, size: int | None, file: str, where: str) -> dict[str, TensorMeta]:
-    """Tensor metadata from a safetensors header (`raw`, `n` bytes of JSON) of `file`, each entry checked,
-    and, with the file's `size`, the data it describes checked to fit. Local and hub files alike."""
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MergeError("corrupt safetensors file (header is not JSON)", where) from None
-    out: dict[str, TensorMeta] = {}
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = ST_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            meta = TensorMeta(tuple(int(s) for s in info["shape"]), dtype, file)
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"corrupt safetensors header entry for tensor '{name}'", where) from None
-        if end - start != meta.nbytes:
-            raise MergeError(f"corrupt safetensors file: tensor '{name}' has the wrong byte length", where)
-        data_end = max(data_end, end)
-        out[name] = meta
-    if size is not None and 8 + n + data_end > size:
-        raise MergeError(f"truncated safetensors file: {size} bytes, the header describes {8 + n + data_end}", where)
-    return out
+    """Tensor metadata of `file` from its safetensors header (checked: see `safetensors_header`)."""
+    return {name: TensorMeta(e.shape, e.dtype, file) for name, e in parse_entries(raw, n, size, where).items()}
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """Tensor metadata from a safetensors file, checking the header and the file size agree."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = header_length(f.read(8), size, str(path))
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise MergeError("file not found", str(path)) from None
-    return parse_header(raw, n, size, path.name, str(path))
+    _, entries = read_header(path)
+    return {name: TensorMeta(e.shape, e.dtype, path.name) for name, e in entries.items()}
 
 
 def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
