@@ -40,7 +40,9 @@ def call(
     """Run method `name` on float32 copies of the inputs (methods may overwrite them)."""
     copies = [x.detach().to(torch.float32).clone() for x in xs]
     b = None if base is None else base.detach().to(torch.float32).clone()
-    out = METHODS[name](copies, b, resolve(name, len(xs), params), rng=TensorRNG(seed, key))
+    method = METHODS[name]
+    stats = [None] * len(xs) if method.calibration else None  # data-aware: no statistics, the weighted mean
+    out = method(copies, b, resolve(name, len(xs), params), rng=TensorRNG(seed, key), stats=stats)
     assert out.dtype == torch.float32
     assert out.shape == (xs[0] if xs else base).shape
     return out
