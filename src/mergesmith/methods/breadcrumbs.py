@@ -6,7 +6,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
-from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned, whole_if_rescaled
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -19,6 +19,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs",
     whole_when=whole_if_rescaled,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Outliers(a["density"][i], a["gamma"][i], a["rescale"])),
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -55,6 +56,7 @@ def breadcrumbs(
     paper=BREADCRUMBS_PAPER,
     pretty="Model Breadcrumbs with TIES",
     whole_when=whole_if_rescaled,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Outliers(a["density"][i], a["gamma"][i], a["rescale"])),
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

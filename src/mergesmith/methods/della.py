@@ -6,7 +6,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
-from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned
 from mergesmith.rng import TensorRNG
 
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
@@ -19,6 +19,7 @@ DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
     summary="DELLA: magnitude-ranked random drop per row, L1 rescale, TIES sign consensus.",
     paper=DELLA_PAPER,
     pretty="DELLA",
+    observes=pruned(lambda a, rng: lambda i: sparsify.MagPrune(a["density"][i], a["epsilon"][i], rng, i, a["rescale"])),
 )
 def della(
     xs: list[torch.Tensor],
@@ -55,6 +56,7 @@ def della(
     summary="DELLA sparsification without sign consensus: task arithmetic on MAGPRUNE-dropped deltas.",
     paper=DELLA_PAPER,
     pretty="Linear DELLA",
+    observes=pruned(lambda a, rng: lambda i: sparsify.MagPrune(a["density"][i], a["epsilon"][i], rng, i, a["rescale"])),
 )
 def della_linear(
     xs: list[torch.Tensor],

@@ -7,7 +7,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
-from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned, whole_if_rescaled
 from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
@@ -25,6 +25,7 @@ DARE_PAPER = "https://arxiv.org/abs/2311.03099"
         "density": "task_arithmetic never sparsifies (as in mergekit); use ties, dare_linear or breadcrumbs to prune"
     },
     elementwise=lambda params: all(d >= 1 for d in params.get("density", (1.0,))),
+    observes=pruned(lambda a, rng: None),
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -60,6 +61,7 @@ def task_arithmetic(
     paper=TIES_PAPER,
     pretty="TIES",
     whole_when=whole_if_rescaled,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Magnitude(a["density"][i], a["rescale"])),
 )
 def ties(
     xs: list[torch.Tensor],
@@ -94,6 +96,7 @@ def ties(
     summary="DARE: drop delta elements at random, rescale, add.",
     paper=DARE_PAPER,
     pretty="DARE",
+    observes=pruned(lambda a, rng: lambda i: sparsify.Random(a["density"][i], rng, i, a["rescale"])),
 )
 def dare_linear(
     xs: list[torch.Tensor],
@@ -128,6 +131,7 @@ def dare_linear(
     summary="DARE random drop with TIES sign consensus.",
     paper=DARE_PAPER,
     pretty="DARE TIES",
+    observes=pruned(lambda a, rng: lambda i: sparsify.Random(a["density"][i], rng, i, a["rescale"])),
 )
 def dare_ties(
     xs: list[torch.Tensor],
