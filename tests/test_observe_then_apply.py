@@ -18,6 +18,7 @@ from mergesmith.methods import registry
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.stream import Observation, Stream
 from mergesmith.recipe.schema import MergeConfig
+from mergesmith.rng import TensorRNG
 from mergesmith.sources.reader import TensorReader
 
 METHODS_DIR = Path(registry.__file__).parent
@@ -117,3 +118,11 @@ def test_engine_feeds_until_finished_then_applies_with_seen(models, monkeypatch)
     d = x - b
     expected = b + (d - d.mean()) / d.std(unbiased=False)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(m.name for m in registry.METHODS.values() if m.streams))
+def test_no_other_model_observes_nothing(name):
+    """The plan copies the base of a tensor no other model has; should a streamed method still get
+    one, its declaration asks for no pass (each body returns the base, or the one input, there)."""
+    seen = registry.get_method(name).observation({}, TensorRNG(0, "t"), 0)
+    assert seen is None or not seen.needs_observe
