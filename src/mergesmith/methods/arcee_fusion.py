@@ -26,7 +26,7 @@ def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (x - base).abs_().mul_(kl)
 
 
-def sample_positions(n: int, rng: TensorRNG, device: torch.device | None) -> torch.Tensor:
+def sample_positions(n: int, rng: TensorRNG, device: torch.device | None) -> torch.Tensor | None:
     """The flat positions whose scores give the quantiles: None (all of them) up to a million
     elements, else a million drawn (with replacement, as current mergekit does) by the seeded
     generator, so reruns agree bit for bit."""
