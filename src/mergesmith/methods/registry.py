@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.methods.stream import Observation, Observes
 
 #: A method's parameters for one tensor, recipe-named and resolved: globals, per-model lists.
 Params = dict[str, Any]
@@ -100,7 +101,7 @@ class MergeMethod:
     pretty: str = ""
     uses_rng: bool = False
     # What it needs of the whole tensor (`methods.stream.Observes`): observe-then-apply, in row chunks.
-    observes: Callable[[dict[str, Any], Any, int], Any] | None = field(default=None, repr=False)
+    observes: Observes | None = field(default=None, repr=False)
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)
@@ -116,7 +117,7 @@ class MergeMethod:
         """Whether it observes then applies (the engine may then run it in row chunks)."""
         return self.observes is not None
 
-    def observation(self, params: Params, rng: Any, count: int) -> Any:
+    def observation(self, params: Params, rng: Any, count: int) -> Observation | None:
         """Its `Observation` of a tensor of `count` non-base inputs, with `params` (None: nothing)."""
         assert self.observes is not None
         args = {p.arg: p.default for p in self.params.values() if not p.required}
@@ -195,7 +196,7 @@ def merge_method(
     elementwise: bool | Callable[[Params], bool] = False,
     identity: Callable[[Params], bool] | None = None,
     whole_when: Callable[[Params], str | None] | None = None,
-    observes: Callable[[dict[str, Any], Any, int], Any] | None = None,
+    observes: Observes | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's, the
     other keywords its shape (module docstring)."""
