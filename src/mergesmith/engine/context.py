@@ -22,6 +22,7 @@ from mergesmith.engine.streaming import Streaming
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import get_method
+from mergesmith.methods.stream import Observation
 from mergesmith.plan import OutputTensor
 from mergesmith.rng import TensorRNG
 from mergesmith.sources.model import DTYPE_BYTES
@@ -171,9 +172,31 @@ class MergeContext:
         """`t`'s method on its inputs `xs` (float32 tensors, or `kernels.Raw` values in the raw lane)."""
         base, others = split(t, xs)
         method = get_method(t.method)
-        rng = TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
         stats = self.statistics.inputs(t.others) if method.calibration and self.statistics is not None else None
-        return reported(t, lambda: method(others, base, method_params(t), rng=rng, stream=stream, stats=stats))
+        return reported(t, lambda: method(others, base, method_params(t), rng=self.rng(t), stream=stream, stats=stats))
+
+    def rng(self, t: OutputTensor) -> TensorRNG:
+        return TensorRNG(self.seed, t.name, tuple(x.model for x in t.others))
+
+    # -- observe-then-apply: the passes the engine runs for a method's `Observation` -----------
+
+    def streaming(self, t: OutputTensor, numel: int, cols: int = 0) -> Streaming:
+        """The stream of `t`: its method's observation (from the method's declaration), set up."""
+        method = get_method(t.method)
+        seen = reported(t, lambda: method.observation(method_params(t), self.rng(t), len(t.others)))
+        seen = seen if seen is not None else Observation()
+        seen.setup(numel)
+        return Streaming(numel, seen, cols=cols)
+
+    def sample(self, t: OutputTensor, xs: list, stream: Streaming) -> None:
+        """The observation's sample pass, on the inputs' fixed sample `xs`."""
+        base, others = split(t, xs)
+        reported(t, lambda: stream.seen.sample(others, base))
+
+    def feed(self, t: OutputTensor, xs: list, at: Streaming) -> None:
+        """The observation fed the inputs' chunk `xs` at `at.start`."""
+        base, others = split(t, xs)
+        reported(t, lambda: at.seen.feed(others, base, at))
 
     def checked(self, t: OutputTensor, data: np.ndarray) -> np.ndarray:
         """`data` (a chunk of `t`) after the sink's check (the audit's NaN/Inf scan), run here in the
@@ -183,18 +206,16 @@ class MergeContext:
         return data
 
     def observe(self, stream: Streaming, observe: Callable, chunks: list) -> None:
-        """The observe passes of a streamed merge (`observe(chunk)` on the workers, as often as the
-        pruners ask), the pruners' `finish`, then the stream set to "apply"."""
+        """The observe passes of a streamed merge (`observe(chunk)` on the workers, feeding the
+        observation, as often as it asks), then its `finish`: the stream is then ready to merge."""
         run = map if self.pool is None else self.pool.map  # the pruners finish side by side
-        stream.phase = "observe"
-        while stream.needs_observe:
+        while stream.seen.needs_observe:
             for _ in self.in_order(observe, chunks):
                 pass
             if stream.finish(run):
                 break
         else:
             stream.finish(run)
-        stream.phase = "apply"
 
 
 def split(t: OutputTensor, xs: list) -> tuple:

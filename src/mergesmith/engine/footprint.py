@@ -3,8 +3,8 @@
 Most merges stream (row chunks of `CHUNK_ELEMENTS` values: memory independent of the tensor's
 size). A few parameter choices need whole tensors, and the memory then grows with the largest
 tensor: `whole_tensor_reason` names them, so `mergesmith validate` can say so before a merge.
-The methods declare when (`merge_method(whole_when=...)`); keep those in step with their stream
-states (`gram.WholeTensors`, `Pruner.streams`).
+The methods declare when (`merge_method(whole_when=...)`); keep those in step with their
+observations (`merge_method(observes=...)`: `gram.WholeTensors`, `Pruner.streams`).
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ class ImportanceSample(Pruner):
         a, b = np.searchsorted(self.positions, [start, start + flat.numel()])
         self.parts[start] = flat[torch.from_numpy(self.positions[a:b] - start).to(flat.device)]
 
+    def feed(self, xs: list[torch.Tensor], base: torch.Tensor, at: Stream) -> None:
+        self.observe_scores(importance(xs[0], base), at.start)
+
     def finish(self) -> bool:
         self.threshold = quantile_threshold(torch.cat([self.parts[s] for s in sorted(self.parts)]))
         self.parts = {}
@@ -91,10 +94,11 @@ class ImportanceSample(Pruner):
     summary="Arcee Fusion: add the other model's changes where their importance is an upper outlier.",
     paper="https://arcee.ai",
     pretty="Arcee Fusion",
+    observes=lambda args, rng, count: ImportanceSample(rng) if count == 1 else None,
 )
 def arcee_fusion(
     xs: list[torch.Tensor], base: torch.Tensor, *, rng: TensorRNG, stream: Stream | None = None
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """I = |x - b| KL_row(softmax(x) + 1e-8 || softmax(b) + 1e-8); y = b + (x - b) [I >= median(I) + 1.5 IQR(I)].
     Streamed, the scores that give the quantiles are gathered over the row chunks first."""
     if len(xs) != 1:
@@ -102,12 +106,5 @@ def arcee_fusion(
     if stream is None:
         scores = importance(xs[0], base)
         return base.add_(xs[0].sub_(base).mul_(scores >= outlier_threshold(scores, rng)))
-    sample = stream.state(0, lambda i: ImportanceSample(rng))  # before touching the inputs
-    if stream.phase == "sample":
-        return None
-    scores = importance(xs[0], base)
-    if stream.phase == "observe":
-        sample.observe_scores(scores, stream.start)
-        return None
-    keep = scores >= sample.threshold
+    keep = importance(xs[0], base) >= stream.seen.threshold
     return base.add_(xs[0].sub_(base).mul_(keep))

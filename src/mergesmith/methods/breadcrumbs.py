@@ -7,7 +7,7 @@ from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
 from mergesmith.methods.task_arithmetic import STORAGE_ONLY
-from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned, whole_if_rescaled
 
 BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -21,6 +21,7 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
     pretty="Model Breadcrumbs",
     whole_when=whole_if_rescaled,
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Outliers(a["density"][i], a["gamma"][i], a["rescale"])),
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -58,6 +59,7 @@ def breadcrumbs(
     pretty="Model Breadcrumbs with TIES",
     whole_when=whole_if_rescaled,
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Outliers(a["density"][i], a["gamma"][i], a["rescale"])),
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

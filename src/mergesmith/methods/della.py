@@ -7,7 +7,7 @@ from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
 from mergesmith.methods.task_arithmetic import STORAGE_ONLY
-from mergesmith.methods.task_vectors import merge_task_vectors
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned
 from mergesmith.rng import TensorRNG
 
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
@@ -21,6 +21,7 @@ DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
     paper=DELLA_PAPER,
     pretty="DELLA",
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.MagPrune(a["density"][i], a["epsilon"][i], rng, i, a["rescale"])),
 )
 def della(
     xs: list[torch.Tensor],
@@ -58,6 +59,7 @@ def della(
     paper=DELLA_PAPER,
     pretty="Linear DELLA",
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.MagPrune(a["density"][i], a["epsilon"][i], rng, i, a["rescale"])),
 )
 def della_linear(
     xs: list[torch.Tensor],

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.sparsify import rows_of
-from mergesmith.methods.stream import Observation
+from mergesmith.methods.stream import Observation, Stream
+
+#: The vectors a method's Gram matrix is of, from the inputs' chunk (the inputs, their task vectors...).
+Vectors = Callable[[list, object], list]
+
+
+def inputs(xs: list[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
+    return xs
+
+
+def task_vectors(xs: list[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
+    """x_i - b, in place (the chunk's inputs are the call's own); the inputs without a base."""
+    return xs if base is None else [x.sub_(base) for x in xs]
 
 
 class Gram(Observation):
     """The Gram matrix (v_i . v_j for every pair, norms squared on the diagonal) of a few tensors over
     their whole length, observed chunk by chunk: products exact in float64, NumPy's pairwise sum per
     row, row sums added with `math.fsum`, so any chunking of whole rows gives the whole tensors'
-    values. It is what slerp, model_stock, karcher... need of the whole tensors: an observation
-    (`Stream.state`), not `fusable`; with `observe` False (chunks that hold everything they need)
-    it asks for no observe pass."""
+    values. It is what slerp, model_stock, karcher... need of the whole tensors: their observation
+    (of the `vectors` of the inputs), not `fusable`; with `observe` False (chunks that hold
+    everything they need) it asks for no observe pass."""
 
-    def __init__(self, observe: bool = True) -> None:
+    def __init__(self, vectors: Vectors = inputs, observe: bool = True) -> None:
+        self.vectors = vectors
         self.needs_observe = observe
         self.rows: dict[int, np.ndarray] = {}  # chunk start -> (rows, n, n) row sums of v_i * v_j
         self.gram: np.ndarray | None = None
@@ -34,6 +48,9 @@ class Gram(Observation):
             for j in range(i, n):
                 sums[:, i, j] = sums[:, j, i] = (r64[i] * r64[j]).sum(axis=1)
         self.rows[start] = sums
+
+    def feed(self, xs: list[torch.Tensor], base: torch.Tensor | None, at: Stream) -> None:
+        self.observe_tensors(self.vectors(xs, base), at.start)
 
     def finish(self) -> bool:
         if self.needs_observe:
@@ -63,7 +80,7 @@ def combine(xs: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
 
 
 class WholeTensors(Gram):
-    """The stream state of a merge that, with these parameters, needs whole tensors: the executor
+    """The observation of a merge that, with these parameters, needs whole tensors: the executor
     then gives it one chunk (`Pruner.streams`), and `mergesmith validate` estimates its memory so."""
 
     streams = False

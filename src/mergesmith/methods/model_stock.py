@@ -8,7 +8,7 @@ import numpy as np
 
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram
+from mergesmith.methods.gram import Gram, task_vectors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.stream import Stream
 
@@ -31,10 +31,11 @@ def _ratio(gram: np.ndarray) -> float:
     summary="Model Stock: interpolate base -> average of the models by the mean cosine of their task vectors.",
     paper="https://arxiv.org/abs/2403.19522",
     pretty="Model Stock",
+    observes=lambda args, rng, count: Gram(task_vectors, observe=not args["filter_wise"]) if count > 1 else None,
 )
 def model_stock(
     xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False, stream: Stream | None = None
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """c = mean over pairs i<j of cos(delta_i, delta_j) (norm product clamped at 1e-6, c in [-1, 1]),
     t = N c / (1 + (N-1) c), y = t mean_i(x_i) + (1-t) b; per row (last axis) when `filter_wise`.
     Streamed: the norms and dot products are observed over the row chunks first."""
@@ -42,19 +43,10 @@ def model_stock(
         return base
     if len(xs) < 2:
         raise MergeError(f"model_stock needs the base model and at least two other models, got {len(xs)} other")
-    if filter_wise and stream is None:
-        return _filter_wise(xs, base)
-    if stream is not None:  # the state first, before touching the inputs: `Gram` is not `fusable`
-        gram = stream.state(0, lambda i: Gram(observe=not filter_wise))
-        if stream.phase == "sample":
-            return None
-    if filter_wise:  # a chunk of whole rows
+    if filter_wise:  # the whole tensor, or a chunk of whole rows
         return _filter_wise(xs, base)
     deltas = [x.sub_(base) for x in xs]
-    if stream is not None and stream.phase == "observe":
-        gram.observe_tensors(deltas, stream.start)
-        return None
-    ratio = _ratio(Gram.of(deltas) if stream is None else gram.gram)
+    ratio = _ratio(Gram.of(deltas) if stream is None else stream.seen.gram)
     mean_delta = deltas[0]
     for d in deltas[1:]:
         mean_delta.add_(d)

@@ -12,7 +12,7 @@ import numpy as np
 
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, combine
+from mergesmith.methods.gram import Gram, combine, task_vectors
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
 
@@ -46,6 +46,7 @@ def multislerp_coefficients(gram: np.ndarray, w: list[float], eps: float) -> lis
     summary="Spherical weighted mean of several models (or of their task vectors when a base is given).",
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     pretty="Multi-SLERP",
+    observes=lambda args, rng, count: Gram(task_vectors) if count > 1 else None,
 )
 def multislerp(
     xs: list[torch.Tensor],
@@ -70,17 +71,6 @@ def multislerp(
         if total == 0:
             raise MergeError("multislerp: the weights sum to zero; change them or set normalize_weights: false")
         w = [wi / total for wi in w]
-    gram = stream.state(0, lambda i: Gram()) if stream is not None else None  # before touching the inputs
-    if stream is not None and stream.phase == "sample":
-        return None
-    if base is not None:
-        for x in xs:
-            x.sub_(base)
-    if gram is None:
-        out = combine(xs, multislerp_coefficients(Gram.of(xs), w, eps))
-    elif stream.phase == "observe":
-        gram.observe_tensors(xs, stream.start)
-        return None
-    else:
-        out = combine(xs, multislerp_coefficients(gram.gram, w, eps))
+    vs = task_vectors(xs, base)
+    out = combine(vs, multislerp_coefficients(Gram.of(vs) if stream is None else stream.seen.gram, w, eps))
     return out.add_(base) if base is not None else out

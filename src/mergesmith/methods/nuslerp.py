@@ -12,7 +12,7 @@ import numpy as np
 
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, WholeTensors, combine
+from mergesmith.methods.gram import Gram, WholeTensors, combine, task_vectors
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
 
@@ -46,6 +46,14 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return v0.mul_(c0.to(v0.dtype)).addcmul_(v1, c1.to(v1.dtype))
 
 
+def _observation(args: dict) -> Gram:
+    """Flattened: the two vectors' Gram matrix; by rows: each chunk holds its own (nothing to
+    observe); by columns: whole tensors."""
+    if args["nuslerp_flatten"]:
+        return Gram(task_vectors)
+    return WholeTensors() if args["nuslerp_row_wise"] else Gram(observe=False)
+
+
 @merge_method(
     "nuslerp",
     base="optional",
@@ -58,6 +66,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         if not p.get("nuslerp_flatten", True) and p.get("nuslerp_row_wise", False)
         else None
     ),
+    observes=lambda args, rng, count: _observation(args) if count == 2 else None,
 )
 def nuslerp(
     xs: list[torch.Tensor],
@@ -82,24 +91,14 @@ def nuslerp(
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     flat = nuslerp_flatten or (stream is None and xs[0].dim() < 2)  # streamed chunks are >= 2-D
-    gram = None
-    if stream is not None:  # the state first, before touching the inputs
-        gram = stream.state(0, lambda i: Gram(observe=flat) if flat or not nuslerp_row_wise else WholeTensors())
-        if stream.phase == "sample":
-            return None
     v0, v1 = xs
     if base is not None:
         v0.sub_(base)
         v1.sub_(base)
     shape = v0.shape
     if flat:
-        if gram is not None and stream is not None and stream.phase == "observe":
-            gram.observe_tensors([v0, v1], stream.start)
-            return None
-        out = combine([v0, v1], slerp_coefficients(t, gram.gram if gram is not None else Gram.of([v0, v1])))
+        out = combine([v0, v1], slerp_coefficients(t, Gram.of([v0, v1]) if stream is None else stream.seen.gram))
         return out.add_(base) if base is not None else out
-    if stream is not None and stream.phase == "observe":
-        return None
     if nuslerp_row_wise:  # vectors along the first axis: columns of a matrix
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     out = slerp_vectors(t, v0, v1)

@@ -30,7 +30,8 @@ class Overlap(Observation):
 
     needs_observe = True
 
-    def __init__(self) -> None:
+    def __init__(self, epsilon: float) -> None:
+        self.epsilon = epsilon
         self.chunks: dict[int, list[tuple[int, int]]] = {}  # chunk start -> per model (shared, unique)
         self.shared: list[int] = []
         self.unique: list[int] = []
@@ -39,6 +40,9 @@ class Overlap(Observation):
         unique, shared = count == 1, count > 1
         actives = [d != 0 for d in deltas]
         self.chunks[start] = [(int((a & shared).sum()), int((a & unique).sum())) for a in actives]
+
+    def feed(self, xs: list[torch.Tensor], base: torch.Tensor, at: Stream) -> None:
+        self.count(*_active(xs, base, self.epsilon), at.start)
 
     def finish(self) -> bool:
         per_model = list(zip(*self.chunks.values(), strict=True))
@@ -73,6 +77,7 @@ def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) ->
     summary="RAM+ (tensor-local): RAM with each model's unique changes amplified by its share of overlap.",
     paper=RAM_PAPER,
     pretty="Reinforced Agent Merging Plus (Tensor-Local)",
+    observes=lambda args, rng, count: Overlap(args["epsilon"]) if count else None,
 )
 def ramplus_tl(
     xs: list[torch.Tensor],
@@ -82,21 +87,18 @@ def ramplus_tl(
     alpha: float = 0.2,
     epsilon: float = 1e-5,
     stream: Stream | None = None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """As ram, but where only model i is active its tau_i is scaled by 1 + r clamp(rho_i, 0, alpha),
     rho_i = #(a_i and c > 1) / max(#(a_i and c = 1), epsilon), counted over the tensor."""
     if not xs:
         return base
-    overlap = stream.state(0, lambda i: Overlap()) if stream is not None else Overlap()  # before the inputs
-    if stream is not None and stream.phase == "sample":
-        return None
     deltas, count = _active(xs, base, epsilon)
     if stream is None:
+        overlap = Overlap(epsilon)
         overlap.count(deltas, count, 0)
         overlap.finish()
-    elif stream.phase == "observe":
-        overlap.count(deltas, count, stream.start)
-        return None
+    else:
+        overlap = stream.seen
     unique = count == 1
     shared = count > 1
     shared_share = shared / count.clamp_min(1)  # 1/c where c > 1, else 0

@@ -14,11 +14,10 @@ A merge method is a plain function on float32 tensors::
   underscore is dropped from the recipe name (`lambda_` is the recipe's `lambda`).
 - A keyword-only parameter named `rng` receives a `TensorRNG` keyed by (seed, tensor name), for
   methods that draw random masks.
-- A keyword-only parameter named `stream` (`methods.stream.Stream`) lets the engine run the method
-  in row chunks: a sample phase, observe passes that feed the stream's per-input state
-  (`Stream.state`), then the merging chunks. On the CPU the engine first tries the sample phase
-  with the files' raw values (`kernels.Raw`): a method must register its state there before touching
-  the inputs, and state that cannot run on raw values (`fusable` False) sends the tensor to torch.
+- A method declared with `observes` (below) takes a keyword-only `stream` (`methods.stream.Stream`):
+  the engine calls it on each row chunk, `stream` None for a whole tensor. On the CPU the engine
+  may give the task-vector family the files' raw values (`kernels.Raw`) when its observation can
+  run on them (`Observation.fusable`).
 
 The decorator also declares the method's shape, from which the engine picks how to run it (it
 never names a method or a parameter):
@@ -28,8 +27,10 @@ never names a method or a parameter):
   (passthrough unscaled): the engine may copy the input file's bytes;
 - `whole_when`: a predicate giving why, with these parameters, a streaming method needs whole
   tensors (None: it streams), so `mergesmith validate` can say so before a merge;
-- a method taking `stream` observes the whole tensor first, then merges chunks (above); any
-  other method gets whole tensors.
+- `observes`: what the method needs of the whole tensor before it merges a chunk, a factory of an
+  `Observation` (`methods.stream.Observes`) from its arguments, RNG and count of inputs; the engine
+  feeds it every chunk and passes it finished as `stream.seen` (observe-then-apply). Any other
+  method gets whole tensors.
 
 The engine does loading, slicing, dtype, device and memory; a method only does the maths.
 """
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.methods.stream import Observation, Observes
 
 #: A method's parameters for one tensor, recipe-named and resolved: globals, per-model lists.
 Params = dict[str, Any]
@@ -98,7 +100,8 @@ class MergeMethod:
     paper: str | None = None
     pretty: str = ""
     uses_rng: bool = False
-    streams: bool = False  # takes `stream` (`methods.stream.Stream`): observe-then-apply, in row chunks
+    # What it needs of the whole tensor (`methods.stream.Observes`): observe-then-apply, in row chunks.
+    observes: Observes | None = field(default=None, repr=False)
     formula: str = field(default="", repr=False)
     # Parameters accepted (declared, as mergekit declares them) but without effect, with why.
     inert: dict[str, str] = field(default_factory=dict)
@@ -108,6 +111,17 @@ class MergeMethod:
     elementwise_when: Callable[[Params], bool] | None = field(default=None, repr=False)
     identity_when: Callable[[Params], bool] | None = field(default=None, repr=False)
     whole_when: Callable[[Params], str | None] | None = field(default=None, repr=False)
+
+    @property
+    def streams(self) -> bool:
+        """Whether it observes then applies (the engine may then run it in row chunks)."""
+        return self.observes is not None
+
+    def observation(self, params: Params, rng: Any, count: int) -> Observation | None:
+        """Its `Observation` of a tensor of `count` non-base inputs, with `params` (None: nothing)."""
+        assert self.observes is not None
+        args = {p.arg: p.default for p in self.params.values() if not p.required}
+        return self.observes({**args, **self._kwargs(params)}, rng, count)
 
     def elementwise(self, params: Params) -> bool:
         """Whether, with `params`, row chunks of a tensor merge alike (element j from elements j)."""
@@ -186,6 +200,7 @@ def merge_method(
     identity: Callable[[Params], bool] | None = None,
     whole_when: Callable[[Params], str | None] | None = None,
     storage_only: dict[str, str] | None = None,
+    observes: Observes | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's, the
     other keywords its shape (module docstring)."""
@@ -193,7 +208,7 @@ def merge_method(
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         params: dict[str, Param] = {}
-        uses_rng = streams = False
+        uses_rng = takes_stream = False
         for p in inspect.signature(fn).parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 continue
@@ -201,7 +216,7 @@ def merge_method(
                 uses_rng = True
                 continue
             if p.name == "stream":
-                streams = True
+                takes_stream = True
                 continue
             if p.name == "stats":
                 continue
@@ -213,6 +228,8 @@ def merge_method(
             default = REQUIRED if p.default is inspect.Parameter.empty else p.default
             recipe_name = p.name.rstrip("_")  # `lambda_` is the recipe's `lambda`
             params[recipe_name] = Param(recipe_name, p.name, typ, default, per_model)
+        if takes_stream != (observes is not None):
+            raise TypeError(f"{fn.__name__}: a method takes `stream` exactly when it declares `observes`")
         method = MergeMethod(
             name=name,
             fn=fn,
@@ -223,7 +240,7 @@ def merge_method(
             paper=paper,
             pretty=pretty or name.replace("_", " ").title(),
             uses_rng=uses_rng,
-            streams=streams,
+            observes=observes,
             formula=inspect.cleandoc(fn.__doc__ or ""),
             inert=dict(inert or {}),
             calibration=calibration,

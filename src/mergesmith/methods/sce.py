@@ -8,7 +8,7 @@ takes whole tensors."""
 from __future__ import annotations
 
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, WholeTensors
+from mergesmith.methods.gram import Gram, WholeTensors, task_vectors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
 from mergesmith.methods.stream import Stream
@@ -43,6 +43,9 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
         else None
     ),
     storage_only=STORAGE_ONLY,
+    observes=lambda args, rng, count: (
+        (Gram(task_vectors) if args["select_topk"] >= 1 else WholeTensors()) if count else None
+    ),
 )
 def sce(
     xs: list[torch.Tensor],
@@ -51,28 +54,20 @@ def sce(
     select_topk: float = 1.0,
     int8_mask: bool = False,
     stream: Stream | None = None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """tau_i = x_i - b (kept only at the top select_topk of positions by variance across models);
     omega_i = mean(tau_i^2)/sum_j mean(tau_j^2); M_i = [sign tau_i = sign sum_j tau_j];
     y = b + sum_i omega_i M_i tau_i / max(sum_i omega_i M_i, 1e-6). Model weights play no part.
     The mean squares in float64 (observed over the row chunks first when streamed)."""
     if not xs:
         return base
-    gram = None
-    if stream is not None:  # the state first, before touching the inputs
-        gram = stream.state(0, lambda i: Gram() if select_topk >= 1 else WholeTensors())
-        if stream.phase == "sample":
-            return None
     deltas = [x.sub_(base) for x in xs]
     if select_topk < 1:
         mask = variance_mask(deltas, select_topk)
         for d in deltas:
             d.mul_(mask)
-    if gram is not None and stream is not None and stream.phase == "observe":
-        gram.observe_tensors(deltas, stream.start)
-        return None
-    observed = gram is not None and gram.needs_observe
-    squares = gram.gram if observed else Gram.of(deltas)
+    observed = stream is not None and stream.seen.needs_observe
+    squares = stream.seen.gram if observed else Gram.of(deltas)
     numel = stream.numel if observed else deltas[0].numel()  # of the whole tensor, not the chunk
     energy = [float(squares[i, i]) / numel for i in range(len(deltas))]
     total = sum(energy)

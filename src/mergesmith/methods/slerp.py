@@ -35,10 +35,11 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     summary="Spherical interpolation between the base (t=0) and one other model (t=1).",
     paper="https://en.wikipedia.org/wiki/Slerp",
     pretty="SLERP",
+    observes=lambda args, rng, count: Gram(lambda xs, base: [base, xs[0]]) if count else None,
 )
 def slerp(
     xs: list[torch.Tensor], base: torch.Tensor, *, t: float = REQUIRED, stream: Stream | None = None
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """u_k = v_k/|v_k|; d = u0.u1; |d| > 0.9995: (1-t)v0 + t v1;
     else theta = acos d, y = [sin((1-t)theta) v0 + sin(t theta) v1] / sin theta.
     Streamed: the norms and the dot product are observed over the row chunks first."""
@@ -46,11 +47,5 @@ def slerp(
         return base
     if stream is None:
         return slerp_tensors(t, base, xs[0])
-    gram = stream.state(0, lambda i: Gram())  # before touching the inputs: `Gram` is not `fusable`
-    if stream.phase == "sample":
-        return None
-    if stream.phase == "observe":
-        gram.observe_tensors([base, xs[0]], stream.start)
-        return None
-    c0, c1 = _weights(gram.gram, t)
+    c0, c1 = _weights(stream.seen.gram, t)
     return base.mul_(c0).add_(xs[0], alpha=c1)

@@ -1,53 +1,64 @@
-"""What a streamed method sees of the engine's passes over one tensor in row chunks: the narrow
-interface it receives as its `stream` argument (the engine's `engine.streaming.Streaming` is it).
+"""What an observe-then-apply method sees of the engine's passes over one tensor in row chunks.
 
-The engine runs the passes: "sample" (the inputs are a fixed strided sample of the whole inputs),
-"observe" (each chunk, fed to the method's state only: no result), "apply" (each chunk merged
-with the finished state). A method states what it needs from the whole tensor as state objects,
-`Observation`s (norms and dot products: `gram.Gram`; the task-vector pruners' thresholds:
-`sparsify.Pruner`), registered with `state()` before it touches the inputs; the engine asks them
-whether to observe at all, finishes them, and gives them back in the apply pass.
+A method states what it needs from the whole tensor in its declaration (`merge_method(observes=...)`):
+a factory of one `Observation` (norms and dot products: `gram.Gram`; the task-vector pruners'
+thresholds: `task_vectors.Pruners`) made from its arguments. The engine runs the passes itself: the
+observation's `sample` on a fixed strided sample of the whole inputs, its `feed` on every chunk
+(again while `finish` asks), and then calls the method on each chunk with a `Stream`, the chunk's
+place, whose `seen` is the finished observation. A method body never sees a pass, only its result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Protocol
 
 from mergesmith import kernels
 
-Phase = Literal["sample", "observe", "apply"]
-
 
 class Observation:
-    """State a streamed method keeps about a whole tensor of `numel` values, fed chunk by chunk."""
+    """What a method needs of a whole tensor of `numel` values, fed chunk by chunk by the engine.
+
+    This base class needs nothing (no observe pass): the observation of a method whose inputs, for
+    these arguments, make every chunk self-sufficient (no other model, one row per vector)."""
 
     numel: int = 0
-    needs_observe = False  # whether the observe pass must see every chunk before "apply"
+    needs_observe = False  # whether the observe pass must see every chunk before the merge
+    samples = False  # whether `sample` wants the fixed sample of the inputs first
     streams = True  # False: only whole tensors (the engine then gives it one chunk)
     fusable = False  # whether it runs in the raw lane, on the files' values (`kernels.Raw`)
 
     def setup(self, numel: int) -> None:
         self.numel = numel
 
+    def sample(self, xs: list[Any], base: Any) -> None:
+        """The inputs at the flat ranges `sparsify.sample_blocks(numel)`, concatenated."""
+
+    def feed(self, xs: list[Any], base: Any, at: Stream) -> None:
+        """The inputs' chunk at `at.start` (chunks may come on several threads, in any order); the
+        inputs are the call's own, to overwrite."""
+
     def finish(self) -> bool:
-        """After every chunk was observed: False asks for one more observe pass."""
+        """After every chunk was fed: False asks for one more observe pass."""
         return True
 
+    def members(self) -> list[Observation]:
+        """The independent observations this one is made of (finished side by side by the engine)."""
+        return [self]
 
-S = TypeVar("S", bound=Observation)
+
+#: A method's declaration of its observation: from its arguments (recipe parameters with their
+#: defaults, by argument name), its `TensorRNG` and how many non-base inputs it merges.
+Observes = Callable[[dict[str, Any], Any, int], Observation | None]
 
 
 class Stream(Protocol):
-    """This call's place in the passes: the phase, the chunk, the whole tensor's size; in the raw
-    lane also the values per row (`cols`) and where "apply" writes (`out`)."""
+    """One chunk's place in a streamed merge: the whole tensor's size, the chunk's first flat
+    element, in the raw lane the values per row (`cols`) and where the merge writes (`out`), and
+    the finished observation (`seen`)."""
 
-    phase: Phase
     numel: int
-    start: int  # the chunk's first flat element
+    start: int
     cols: int
     out: kernels.Raw | None
-
-    def state(self, key: int, make: Callable[[int], S]) -> S:
-        """The state `key` of this tensor (made by `make(key)` on the first call, in the sample pass)."""
-        ...
+    seen: Observation

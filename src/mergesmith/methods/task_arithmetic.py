@@ -7,7 +7,7 @@ from mergesmith.lazy_torch import torch
 from mergesmith.methods import sparsify
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
-from mergesmith.methods.task_vectors import merge_task_vectors, whole_if_rescaled
+from mergesmith.methods.task_vectors import merge_task_vectors, pruned, whole_if_rescaled
 from mergesmith.rng import TensorRNG
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
@@ -28,6 +28,7 @@ STORAGE_ONLY = {"int8_mask": "mergekit's int8 storage for masks; masks never use
     },
     elementwise=lambda params: all(d >= 1 for d in params.get("density", (1.0,))),
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: None),
 )
 def task_arithmetic(
     xs: list[torch.Tensor],
@@ -64,6 +65,7 @@ def task_arithmetic(
     pretty="TIES",
     whole_when=whole_if_rescaled,
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Magnitude(a["density"][i], a["rescale"])),
 )
 def ties(
     xs: list[torch.Tensor],
@@ -99,6 +101,7 @@ def ties(
     paper=DARE_PAPER,
     pretty="DARE",
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Random(a["density"][i], rng, i, a["rescale"])),
 )
 def dare_linear(
     xs: list[torch.Tensor],
@@ -134,6 +137,7 @@ def dare_linear(
     paper=DARE_PAPER,
     pretty="DARE TIES",
     storage_only=STORAGE_ONLY,
+    observes=pruned(lambda a, rng: lambda i: sparsify.Random(a["density"][i], rng, i, a["rescale"])),
 )
 def dare_ties(
     xs: list[torch.Tensor],

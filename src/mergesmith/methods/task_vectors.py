@@ -4,14 +4,15 @@ deltas -> sparsify each (its own density) -> weight -> optional sign consensus -
 -> normalise -> base + lambda * result. A method is this pipeline with a pruner (`sparsify.Pruner`)
 and a consensus switch; new sparsifiers plug in as a `Pruner` made for input index i.
 
-The engine may stream a tensor in row chunks (`methods.stream`): a pass that only feeds the pruners
-(`observe`: thresholds, L1 norms), then a pass that merges chunk by chunk (`apply`). Everything
-after the pruners is element-wise, so each chunk merges alone.
+The engine may stream a tensor in row chunks (`methods.stream`): the method's observation is its
+pruners (`Pruners`, declared with `observes=pruned(...)`), which the engine feeds every chunk
+(thresholds, L1 norms); then it merges chunk by chunk with them. Everything after the pruners is
+element-wise, so each chunk merges alone.
 
 On the CPU the engine may give the inputs as raw values of the files (`kernels.Raw`, the raw lane):
 then the compiled kernels form the deltas on the fly and the merging pass writes `Stream.out` in
 the output's dtype, with the same float32 operations as the torch pipeline, bit for bit. Pruners
-that cannot run there (`Pruner.fusable`) send the tensor to torch after the sample phase.
+that cannot run there (`Pruner.fusable`) send the tensor to torch.
 """
 
 from __future__ import annotations
@@ -22,9 +23,60 @@ from mergesmith import kernels
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import Params
 from mergesmith.methods.sparsify import Pruner, prune_whole
-from mergesmith.methods.stream import Stream
+from mergesmith.methods.stream import Observation, Stream
 
 PrunerFor = Callable[[int], Pruner]
+
+
+class Pruners(Observation):
+    """The task-vector family's observation of a tensor: one pruner per input (none without
+    pruning), each fed its task vector: x_i - b (on raw values, formed by the kernels)."""
+
+    def __init__(self, prune: PrunerFor | None, count: int) -> None:
+        self.pruners = [prune(i) for i in range(count)] if prune is not None else []
+
+    def setup(self, numel: int) -> None:
+        super().setup(numel)
+        for p in self.pruners:
+            p.setup(numel)
+
+    @property
+    def needs_observe(self) -> bool:  # type: ignore[override]
+        return any(p.needs_observe for p in self.pruners)
+
+    @property
+    def samples(self) -> bool:  # type: ignore[override]
+        return bool(self.pruners)
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        return all(p.streams for p in self.pruners)
+
+    @property
+    def fusable(self) -> bool:  # type: ignore[override]
+        return all(p.fusable for p in self.pruners)
+
+    def sample(self, xs: list, base: torch.Tensor | kernels.Raw) -> None:
+        for p, x in zip(self.pruners, xs, strict=True):
+            p.sample(kernels.delta(x, base) if isinstance(base, kernels.Raw) else x.sub_(base))
+
+    def feed(self, xs: list, base: torch.Tensor | kernels.Raw, at: Stream) -> None:
+        for p, x in zip(self.pruners, xs, strict=True):
+            if isinstance(base, kernels.Raw):
+                p.observe_raw(x, base, at.cols, at.start)
+            elif p.needs_observe:
+                p.observe(x.sub_(base), at.start)
+
+    def finish(self) -> bool:
+        return all([p.finish() for p in self.pruners])
+
+    def members(self) -> list[Observation]:
+        return list(self.pruners)
+
+
+def pruned(prune: Callable[[dict, object], PrunerFor | None]) -> Callable[[dict, object, int], Pruners]:
+    """The `observes` of a task-vector method whose pruner of input i is `prune(args, rng)(i)`."""
+    return lambda args, rng, count: Pruners(prune(args, rng), count)
 
 
 def whole_if_rescaled(params: Params) -> str | None:
@@ -61,28 +113,18 @@ def merge_task_vectors(
     lambda_: float,
     stream: Stream | None = None,
 ) -> torch.Tensor | None:
-    """The merged tensor (or chunk); None in the streaming phases that only feed the pruners, and for
-    raw inputs (written to `stream.out`)."""
+    """The merged tensor (or chunk, its pruners `stream.seen`); None for raw inputs (written to
+    `stream.out`)."""
     if isinstance(base, kernels.Raw):
         assert stream is not None
         return _merge_raw(xs, base, weights, prune, consensus, normalize, lambda_, stream)
-    if stream is not None and stream.phase != "apply":
-        for i, x in enumerate(xs):
-            d = x.sub_(base)
-            if prune is not None:
-                p = stream.state(i, prune)
-                if stream.phase == "sample":
-                    p.sample(d)
-                elif p.needs_observe:
-                    p.observe(d, stream.start)
-        return None
     if not xs:
         return base
     deltas = []
     for i, x in enumerate(xs):
         d = x.sub_(base)  # the inputs are ours to overwrite
         if prune is not None:
-            d = prune_whole(prune(i), d) if stream is None else stream.state(i, prune).apply(d, stream.start)
+            d = prune_whole(prune(i), d) if stream is None else stream.seen.pruners[i].apply(d, stream.start)
         deltas.append(d.mul_(weights[i]))
     if consensus and _fused(deltas):  # the same float32 operations, one pass (`kernels.ties_combine`)
         combined = torch.from_numpy(
@@ -137,20 +179,9 @@ def _merge_raw(
     lambda_: float,
     stream: Stream,
 ) -> None:
-    """`merge_task_vectors` on raw values: the pruners observe through the kernels, and the merging
-    pass is one `kernels.task_merge` call with each pruner's rule for the chunk."""
-    pruners = [stream.state(i, prune) if prune is not None else Pruner() for i in range(len(xs))]
-    if not stream.fusable:  # the engine goes back to the torch pipeline
-        return None
-    if stream.phase == "sample":
-        for p, x in zip(pruners, xs, strict=True):
-            if prune is not None:
-                p.sample(kernels.delta(x, base))
-        return None
-    if stream.phase == "observe":
-        for p, x in zip(pruners, xs, strict=True):
-            p.observe_raw(x, base, stream.cols, stream.start)
-        return None
+    """`merge_task_vectors` on raw values: one `kernels.task_merge` call with each pruner's rule for
+    the chunk (the pruners observed it through the kernels: `Pruners.feed`)."""
+    pruners = stream.seen.pruners if prune is not None else [Pruner() for _ in xs]
     assert stream.out is not None
     rules = [p.rule(stream.start, w) for p, w in zip(pruners, weights, strict=True)]
     kernels.task_merge(

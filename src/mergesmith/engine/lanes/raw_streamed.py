@@ -13,7 +13,6 @@ from mergesmith.engine import chunks
 from mergesmith.engine.buffers import Buffers, numel
 from mergesmith.engine.context import MergeContext
 from mergesmith.engine.mapped import Entry
-from mergesmith.engine.streaming import Streaming
 from mergesmith.methods.registry import get_method
 from mergesmith.methods.sparsify import sample_blocks
 from mergesmith.plan import OutputTensor
@@ -21,8 +20,8 @@ from mergesmith.sources.model import DTYPE_BYTES
 
 
 def raw_streams(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None]) -> bool:
-    """Whether `t`'s method streams and may run in the raw lane (whether it can, its stream's state
-    says after the sample phase: the task-vector methods' pruners mostly can)."""
+    """Whether `t`'s method streams and may run in the raw lane (whether it can, its observation
+    says: the task-vector methods' pruners mostly can)."""
     others = len(entries) - 1
     return (
         get_method(t.method).streams
@@ -35,30 +34,31 @@ def raw_streams(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None])
 def raw_streamed_parts(
     ctx: MergeContext, t: OutputTensor, entries: list[Entry], slot: Callable[[], Buffers]
 ) -> Iterator[tuple[int, np.ndarray, Buffers]] | None:
-    """Runs the sample phase and returns the iterator of (byte offset, checked bytes, slot), or None
-    (nothing written) when the state of `t`'s method cannot run on raw values."""
+    """Runs the sample and observe passes and returns the iterator of (byte offset, checked bytes,
+    slot), or None (nothing read) when the observation of `t`'s method cannot run on raw values."""
     n = numel(t.shape)
     rows, item = (t.shape[0] if len(t.shape) >= 2 else 1), DTYPE_BYTES[t.dtype]
     cols = n // rows if rows else 1
-    stream = Streaming(n, cols=cols)
-    samples = []
-    for e in entries:  # the fixed sample, as one run of raw values per input
-        parts = []
-        for a, b in sample_blocks(n):
-            part = np.empty((b - a) * DTYPE_BYTES[e.dtype], dtype=np.uint8)
-            ctx.files.read_entry(e, a * DTYPE_BYTES[e.dtype], part)
-            parts.append(part)
-        data = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
-        samples.append(kernels.Raw(data, e.dtype, ctx.via(e.dtype)))
-    ctx.apply(t, samples, stream)
-    if not stream.fusable:
+    stream = ctx.streaming(t, n, cols)
+    if not stream.seen.fusable:
         return None
+    if stream.seen.samples:
+        samples = []
+        for e in entries:  # the fixed sample, as one run of raw values per input
+            parts = []
+            for a, b in sample_blocks(n):
+                part = np.empty((b - a) * DTYPE_BYTES[e.dtype], dtype=np.uint8)
+                ctx.files.read_entry(e, a * DTYPE_BYTES[e.dtype], part)
+                parts.append(part)
+            data = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+            samples.append(kernels.Raw(data, e.dtype, ctx.via(e.dtype)))
+        ctx.sample(t, samples, stream)
     step = max(1, chunks.CHUNK_ELEMENTS // max(cols, 1))
     pieces = [(r0 * cols, (min(rows, r0 + step) - r0) * cols) for r0 in range(0, rows, step)]
 
     def observe(chunk: tuple[int, int]) -> None:
         with ctx.raw_chunk(entries, *chunk) as xs:
-            ctx.apply(t, xs, stream.at(chunk[0]))
+            ctx.feed(t, xs, stream.at(chunk[0]))
 
     ctx.observe(stream, observe, pieces)
 
