@@ -1,5 +1,8 @@
 """The compiled kernels of `_kernels.c`, or NumPy computing the same values where it is missing.
 
+(Over 400 lines: each kernel keeps its ctypes binding and its NumPy twin side by side, because the
+tests compare the two and a change to one must be seen next to the other.)
+
 The extension is built when mergesmith is installed from source (optional: a machine without a C
 compiler still installs, and gets the NumPy versions, ~10x slower for DARE masks). `available()`
 says which one runs; `MERGESMITH_NO_KERNELS=1` forces NumPy (the tests compare the two).

@@ -1,5 +1,8 @@
 """Planning: which output tensor comes from which input tensors, with which parameters.
 
+(Over 400 lines: the planner walks models, slices and `modules:` stacks, gradients, filters and
+post-steps in one pass over the output layers; splitting it by recipe form is a follow-up of #18.)
+
 `plan_merge(config, models)` is a pure function of the recipe and the input models' metadata
 (tensor names, shapes, dtypes, config.json). It reads no tensor data and imports no torch, so a
 plan can be printed, tested and checked (`--dry-run`) before a byte of weights is read.

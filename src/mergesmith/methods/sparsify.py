@@ -1,5 +1,8 @@
 """Sparsifiers for task vectors: which elements of a delta survive.
 
+(Over 400 lines: each sparsifier keeps its whole-tensor, streamed (row chunks) and raw-value forms
+together, because they must agree bit for bit.)
+
 Each takes a delta and returns it sparsified (a new tensor or the input modified in place).
 `rescale` is mergekit's: multiply the survivors by the ratio of L1 norms before/after, so the
 task vector keeps its L1 norm (not the papers' per-element 1/p).

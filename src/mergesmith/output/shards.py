@@ -1,5 +1,8 @@
 """Sharded safetensors output, written tensor by tensor in bounded memory.
 
+(Over 400 lines: the layout, the block writer with its direct I/O and the file-to-file copies are
+one protocol over the same offsets; split, each half would need the other's invariants.)
+
 Every output tensor's name, shape and dtype is known from the plan, so each shard's header (with
 all data offsets) is written first and every tensor is then written straight to its offset as
 soon as it is computed: nothing accumulates in memory, and tensors may arrive in any order.
