@@ -28,9 +28,6 @@ KNOWN = {
     ("mergesmith.engine.distributed", "mergesmith.merge"),
     # item 3 (MoE builds as a plan): the config resolves its inputs through build
     ("mergesmith.moe.config", "mergesmith.moe.build"),
-    # item 5 (LoRA inputs are a tensor source; sources import nothing above them)
-    ("mergesmith.sources.model", "mergesmith.lora.inputs"),
-    ("mergesmith.sources.reader", "mergesmith.lora.inputs"),
     ("mergesmith.sources.model", "mergesmith.sources.hub"),
     # item 2 (sinks): the shard writer borrows the engine's pread
     ("mergesmith.output.shards", "mergesmith.engine.mapped"),

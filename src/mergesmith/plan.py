@@ -396,7 +396,7 @@ class _Planner:
     def _layer_index(self, ref: ModelRef) -> dict[tuple[str, int], list[tuple[tuple[str, str], str]]]:
         """(module, layer) -> its tensors as ((prefix, rest), name), in file order; built once per model."""
         info = self._info(ref)
-        cached = info._extra.get("plan_layer_index")
+        cached = info.layer_index
         if cached is None:
             structure = self._structure(ref)
             cached = {}
@@ -404,7 +404,7 @@ class _Planner:
                 p = structure.locate(n)
                 if p is not None:
                     cached.setdefault((p.stack.module, p.index), []).append(((p.stack.prefix, p.rest), n))
-            info._extra["plan_layer_index"] = cached
+            info.layer_index = cached
         return cached
 
     def _non_layer_names(self, part: Part) -> list[str]:

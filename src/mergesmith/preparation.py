@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from mergesmith.lora import inputs as _lora_inputs  # noqa: F401  (registers base+adapter references)
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import Plan, plan_merge, referenced_models
 from mergesmith.recipe.leniency import check_recipe, enforce

@@ -1,7 +1,10 @@
 """`base+adapter` references: the base's metadata with the adapter bound to it, read through a
 LoraSource. With `--lora-merge-cache DIR` the applied model is also written to DIR once and reused.
 With `--lora-merge-dtype S` every floating tensor of base+adapter is read (and cached) in dtype S, the
-adapter applied in float32 and the result rounded to S, as mergekit materialises in that dtype."""
+adapter applied in float32 and the result rounded to S, as mergekit materialises in that dtype.
+
+Importing this module registers the `base+adapter` kind with sources/kinds.py (lora/__init__.py imports
+it, so any use of mergesmith.lora makes such references loadable)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from mergesmith.dtypes import DTYPE_ALIASES
 from mergesmith.errors import MergeError
 from mergesmith.lora.adapter import load_adapter
 from mergesmith.lora.source import LoraSource, bind
-from mergesmith.sources.model import ModelInfo, TensorMeta
+from mergesmith.sources.kinds import LoadOptions, SourceKind, register_kind
+from mergesmith.sources.model import ModelInfo, TensorMeta, load_model_info
+from mergesmith.sources.reader import TensorReader
 from mergesmith.sources.refs import ModelRef
 
 MERGE_DTYPES = {"bfloat16", "float16", "float32", "float64"}
@@ -32,8 +37,6 @@ def merge_dtype(text: str | None) -> str | None:
 def load_lora_model_info(
     ref: ModelRef, cache_dir: str | None = None, merge_cache: str | None = None, dtype: str | None = None
 ) -> ModelInfo:
-    from mergesmith.sources.model import load_model_info
-
     assert ref.lora is not None
     dtype = merge_dtype(dtype)
     base = load_model_info(ModelRef(ref.path, ref.revision, None, ref.override_architecture), cache_dir)
@@ -44,9 +47,15 @@ def load_lora_model_info(
         metas = {
             n: TensorMeta(m.shape, dtype if m.dtype in MERGE_DTYPES else m.dtype, m.file) for n, m in metas.items()
         }
-    info = ModelInfo(ref=ref, directory=base.directory, config=base.config, tensors=metas, format=base.format)
-    info._extra.update(base._extra)
-    info._extra["lora"] = (base, bound, dtype)
+    info = ModelInfo(
+        ref=ref,
+        directory=base.directory,
+        config=base.config,
+        tensors=metas,
+        format=base.format,
+        bin_tensors=base.bin_tensors,
+        opener=lambda: LoraSource(TensorReader(base), bound, dtype),
+    )
     if merge_cache is None:
         return info
     target = Path(merge_cache).expanduser() / (cache_name(ref) + (f"_{dtype}" if dtype else ""))
@@ -69,11 +78,12 @@ def cache_name(ref: ModelRef) -> str:
     return f"{part(base)}_{part(lora)}"
 
 
-def lora_source(info: ModelInfo) -> LoraSource:
-    from mergesmith.sources.reader import TensorReader
+def _load(ref: ModelRef, options: LoadOptions) -> ModelInfo:
+    return load_lora_model_info(ref, options.cache_dir, options.lora_merge_cache, options.lora_merge_dtype)
 
-    base, bound, dtype = info._extra["lora"]
-    return LoraSource(TensorReader(base), bound, dtype)
+
+BASE_PLUS_ADAPTER = SourceKind("base+adapter", lambda ref: ref.lora is not None, _load)
+register_kind(BASE_PLUS_ADAPTER)
 
 
 def materialise(info: ModelInfo, target: Path) -> None:
@@ -87,7 +97,8 @@ def materialise(info: ModelInfo, target: Path) -> None:
     try:
         metas: dict[str, TensorMeta] = info.tensors
         writer = ShardWriter(directory, layout_shards([(n, m.dtype, m.shape) for n, m in metas.items()], 5 * 10**9))
-        source = lora_source(info)
+        assert info.opener is not None
+        source = info.opener()
         try:
             import torch
 

@@ -8,10 +8,11 @@ tensor data. PyTorch `.bin` checkpoints are opened only with `torch.load(weights
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # ST_DTYPES and header_length are re-exported for the modules that still import them from here.
 from mergesmith.dtypes import DTYPE_BYTES, numel
@@ -19,7 +20,12 @@ from mergesmith.dtypes import ST_DTYPES as ST_DTYPES
 from mergesmith.errors import MergeError
 from mergesmith.safetensors_header import header_length as header_length
 from mergesmith.safetensors_header import parse_entries, read_header
+from mergesmith.sources.kinds import LoadOptions, kind_for
 from mergesmith.sources.refs import ModelRef
+
+if TYPE_CHECKING:
+    import torch
+
 
 HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 
@@ -46,7 +52,20 @@ class ModelInfo:
     config: dict[str, Any]
     tensors: dict[str, TensorMeta]
     format: str  # "safetensors" or "bin"
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: A `.bin` checkpoint's tensors: torch.load reads the whole file (memory-mapped), so they are kept
+    #: from the metadata read rather than loaded again per tensor.
+    bin_tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    #: Makes this model's tensor source when it is not a plain directory (a registered kind, e.g.
+    #: base+adapter, sets it); None: a TensorReader of `directory`.
+    opener: Callable[[], Any] | None = field(default=None, repr=False, compare=False)  # -> reader.TensorSource
+    #: The tokenizer.align.VocabAlignment these tensors' embedding rows were put on (typed `object`
+    #: because sources/ may not import tokenizer/); None: the model's own vocabulary.
+    vocab_alignment: object | None = field(default=None, repr=False, compare=False)
+    #: plan.py's (module, layer) -> tensors index of this model, built once per model and reused by
+    #: every plan over it (a search plans many).
+    layer_index: dict[tuple[str, int], list[tuple[tuple[str, str], str]]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @cached_property
     def name(self) -> str:
@@ -158,10 +177,11 @@ def load_model_info(
     lora_merge_cache: str | None = None,
     lora_merge_dtype: str | None = None,
 ) -> ModelInfo:
-    if ref.lora is not None:  # base+adapter: the base's metadata, read through the adapter
-        from mergesmith.lora.inputs import load_lora_model_info
-
-        return load_lora_model_info(ref, cache_dir, lora_merge_cache, lora_merge_dtype)
+    kind = kind_for(ref)
+    if kind is not None:  # e.g. base+adapter: a layer above registered how to read it
+        return kind.load(ref, LoadOptions(cache_dir, lora_merge_cache, lora_merge_dtype))
+    if ref.lora is not None:
+        raise MergeError("base+adapter inputs need mergesmith.lora (import mergesmith.lora first)", str(ref))
     directory = resolve_directory(ref, cache_dir)
     config_path = directory / "config.json"
     config = read_json(config_path) if config_path.exists() else {}
@@ -171,7 +191,7 @@ def load_model_info(
         config = {**config, "architectures": [ref.override_architecture]}
     fmt, weight_map = _weights_index(directory)
     tensors: dict[str, TensorMeta] = {}
-    extra: dict[str, Any] = {}
+    bin_tensors: dict[str, torch.Tensor] | None = None
     files = sorted(set(weight_map.values())) or (
         ["model.safetensors"] if fmt == "safetensors" else ["pytorch_model.bin"]
     )
@@ -180,7 +200,8 @@ def load_model_info(
             metas = read_safetensors_header(directory / file)
         else:
             sd = load_bin(directory / file)
-            extra.setdefault("bin", {}).update(sd)
+            bin_tensors = bin_tensors if bin_tensors is not None else {}
+            bin_tensors.update(sd)
             metas = {k: TensorMeta(tuple(v.shape), str(v.dtype).removeprefix("torch."), file) for k, v in sd.items()}
         for name, meta in metas.items():
             if weight_map and weight_map.get(name) not in (None, file):
@@ -189,6 +210,4 @@ def load_model_info(
     missing = [n for n, f in weight_map.items() if n not in tensors]
     if missing:
         raise MergeError(f"index names tensors that its shards lack: {missing[:3]}", str(directory))
-    info = ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format=fmt)
-    info._extra.update(extra)
-    return info
+    return ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format=fmt, bin_tensors=bin_tensors)

@@ -25,10 +25,9 @@ def open_sources(models: dict[str, ModelInfo]) -> dict[str, TensorSource]:
 
 
 def open_source(info: ModelInfo) -> TensorSource:
-    if "lora" in info._extra:  # base+adapter, applied as tensors are read
-        from mergesmith.lora.inputs import lora_source
-
-        return lora_source(info)
+    """The model's own source when a registered kind gave it one (e.g. base+adapter), else its files."""
+    if info.opener is not None:
+        return info.opener()
     return TensorReader(info)
 
 
@@ -62,8 +61,8 @@ class TensorReader:
 
     def get(self, name: str) -> torch.Tensor:
         meta = self.info.tensors[name]
-        if self.info.format == "bin":
-            return self.info._extra["bin"][name]
+        if self.info.bin_tensors is not None:
+            return self.info.bin_tensors[name]
         try:
             return self._handle(meta.file).get_tensor(name)
         except MergeError:

@@ -28,7 +28,6 @@ from mergesmith.tokenizer.build import BuiltTokenizer, build_tokenizer, load_tok
 from mergesmith.tokenizer.rows import Recipe, parse_token_specs, row_recipes
 
 log = logging.getLogger("mergesmith")
-EXTRA_KEY = "vocab_alignment"
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -213,12 +212,13 @@ def align_vocabularies(
             tensors[role_name] = TensorMeta((rows_out, *meta.shape[1:]), meta.dtype, meta.file)
         for alias, real in aliases[k].items():
             tensors[alias] = tensors[real]
-        out[k] = dataclasses.replace(info, tensors=tensors, _extra={**info._extra, EXTRA_KEY: alignment})
+        out[k] = dataclasses.replace(info, tensors=tensors, vocab_alignment=alignment, layer_index=None)
     return out
 
 
 def alignment_of(models: Mapping[str, ModelInfo]) -> VocabAlignment | None:
-    return next((m._extra[EXTRA_KEY] for m in models.values() if EXTRA_KEY in m._extra), None)
+    """The alignment `align_vocabularies` put these models on, or None (their own vocabularies)."""
+    return next((m.vocab_alignment for m in models.values() if isinstance(m.vocab_alignment, VocabAlignment)), None)
 
 
 class AlignedSource:
