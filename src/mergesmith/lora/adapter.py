@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.lora.algebra import lora_scale
 from mergesmith.sources.model import TensorMeta, load_bin, read_json, read_safetensors_header, resolve_directory
 from mergesmith.sources.refs import ModelRef

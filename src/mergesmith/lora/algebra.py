@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+from mergesmith.lazy_torch import torch
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

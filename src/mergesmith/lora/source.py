@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from mergesmith.errors import MergeError
+from mergesmith.lazy_torch import torch
 from mergesmith.lora.adapter import Adapter, LoraModule
 from mergesmith.lora.algebra import dora, lora_delta
 from mergesmith.sources import arch
