@@ -16,7 +16,7 @@ from mergesmith.output import card, model_files
 from mergesmith.output.shards import ShardWriter
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
-from mergesmith.preparation import MergeOptions, merge_sources, prepare_merge
+from mergesmith.preparation import MergeOptions, merge_sources, merge_statistics, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.reliability.audit import Audit, finish_report, merge_fingerprint, open_audit
 from mergesmith.reliability.resume import finished_problem, record_finished
@@ -76,7 +76,7 @@ def write_weights(
             dtype=config.dtype,
             device=options.device,
             seed=options.random_seed or 0,
-            statistics=statistics_for(plan, models, config, options),
+            statistics=merge_statistics(plan, models, config, options),
         )
         executor.run(audit.wrap(writer), progress)
     except BaseException:
@@ -85,17 +85,6 @@ def write_weights(
     files = audit.journal.finish(writer.close())
     audit.check_reused(directory)
     return files
-
-
-def statistics_for(plan: Plan, models: dict[str, ModelInfo], config: MergeConfig, options: MergeOptions):
-    """The calibration statistics the recipe's method needs (collected once, then cached), or None."""
-    kind = get_method(config.merge_method).calibration
-    if kind is None:
-        return None
-    from mergesmith.calibration import calibrate
-
-    merged = list(dict.fromkeys(x.model for t in plan.tensors for x in t.others))
-    return calibrate(kind, config.calibration, models, merged, options.device)
 
 
 def write_side_files(

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from mergesmith.calibration import Statistics, calibrate
 from mergesmith.lora import inputs as _lora_inputs  # noqa: F401  (registers base+adapter references)
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import Plan, plan_merge, referenced_models
@@ -54,6 +55,17 @@ class PreparedMerge(NamedTuple):
 def merge_sources(models: dict[str, ModelInfo]) -> dict[str, TensorSource]:
     """The tensor sources of a merge: each model's reader, embeddings on the output vocabulary."""
     return aligned_sources(models, open_sources(models))
+
+
+def merge_statistics(
+    plan: Plan, models: dict[str, ModelInfo], config: MergeConfig, options: MergeOptions
+) -> Statistics | None:
+    """The calibration statistics the recipe's method needs (collected once, then cached), or None."""
+    kind = get_method(config.merge_method).calibration
+    if kind is None:
+        return None
+    merged = list(dict.fromkeys(x.model for t in plan.tensors for x in t.others))
+    return calibrate(kind, config.calibration, models, merged, options.device)
 
 
 def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelInfo]:

@@ -22,11 +22,11 @@ from mergesmith.lora.builder import AdapterBuilder, ExtractOptions, ModuleReport
 from mergesmith.lora.card import adapter_card, report_summary
 from mergesmith.lora.kinds import module_kinds, ties_head
 from mergesmith.lora.sink import AdapterSink
-from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes, statistics_for
+from mergesmith.merge import MergeOptions, MergeSummary, peak_rss_bytes
 from mergesmith.output import model_files
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
-from mergesmith.preparation import merge_sources, prepare_merge
+from mergesmith.preparation import merge_sources, merge_statistics, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
 from mergesmith.sources.model import load_model_info
 from mergesmith.sources.reader import TensorReader
@@ -85,7 +85,7 @@ def run_merge_as_lora(
             dtype=config.dtype,
             device=options.device,
             seed=options.random_seed or 0,
-            statistics=statistics_for(plan, models, config, options),
+            statistics=merge_statistics(plan, models, config, options),
         )
         executor.run(AdapterSink(builder, reader), progress)
         reports = builder.save(directory, str(plain))

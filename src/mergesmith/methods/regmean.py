@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.linear import linear
 from mergesmith.methods.registry import PerModel, merge_method
 
 
 def _mean(xs: list[torch.Tensor], weight: list[float]) -> torch.Tensor:
     """The weighted mean of the models (normalised weights): task arithmetic with weights w_i / Σw."""
-    total = sum(weight)
-    if total == 0:
+    if sum(weight) == 0:
         raise MergeError("the models' weights sum to zero")
-    out = xs[0].mul_(weight[0] / total)
-    for x, w in zip(xs[1:], weight[1:], strict=True):
-        out.add_(x, alpha=w / total)
-    return out
+    return linear(xs, None, weight=weight, normalize=True)
 
 
 @merge_method(
