@@ -162,6 +162,81 @@ models:
         4,
         None,
     ),
+    # the rest of the task-vector family (issue #21: the comparison covers every method)
+    "task_arithmetic": Method(
+        """merge_method: task_arithmetic
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.3}}
+  - model: {ft3}
+    parameters: {{weight: 0.2}}
+""",
+        1,
+        None,
+    ),
+    "dare_linear": Method(
+        """merge_method: dare_linear
+base_model: {base}
+dtype: bfloat16
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.4, density: 0.53}}
+  - model: {ft2}
+    parameters: {{weight: 0.3, density: 0.53}}
+  - model: {ft3}
+    parameters: {{weight: 0.3, density: 0.53}}
+""",
+        2,
+        None,
+    ),
+    "breadcrumbs": Method(
+        """merge_method: breadcrumbs
+base_model: {base}
+dtype: bfloat16
+parameters: {{gamma: 0.01}}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.9}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.9}}
+""",
+        3,
+        None,
+    ),
+    "breadcrumbs_ties": Method(
+        """merge_method: breadcrumbs_ties
+base_model: {base}
+dtype: bfloat16
+parameters: {{gamma: 0.01}}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.9}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.9}}
+""",
+        3,
+        None,
+    ),
+    "della_linear": Method(
+        """merge_method: della_linear
+base_model: {base}
+dtype: bfloat16
+parameters: {{epsilon: 0.1, lambda: 1.0}}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.4, density: 0.53}}
+  - model: {ft2}
+    parameters: {{weight: 0.3, density: 0.53}}
+  - model: {ft3}
+    parameters: {{weight: 0.3, density: 0.53}}
+""",
+        4,
+        None,
+    ),
     # issue #21: the methods that used to take whole tensors, now streamed
     "karcher": Method(
         """merge_method: karcher

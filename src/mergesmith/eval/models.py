@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from mergesmith.errors import MergeError
-from mergesmith.extras import require
 from mergesmith.sources.model import resolve_directory
 from mergesmith.sources.refs import ModelRef, parse_ref
 
@@ -31,10 +29,21 @@ def _torch_dtype(dtype: str) -> Any:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
-def _apply_adapter(model: Any, adapter: Path) -> Any:
-    """base + LoRA adapter: folded into the weights with peft, so scoring runs at the base's speed."""
-    PeftModel = require("peft", "a base+adapter reference", str(adapter)).PeftModel
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+def _adapted(ref: ModelRef, *, dtype: str, device: str, trust_remote_code: bool, cache_dir: str | None) -> Any:
+    """base + LoRA adapter, prepared and merged in memory as `mergesmith run` would write it (the same
+    folding, the same added rows), so a score of `base+adapter` is the score of that merge."""
+    from mergesmith.preparation import MergeOptions
+    from mergesmith.recipe.schema import parse_config
+    from mergesmith.resident import ResidentMerge
+
+    recipe: dict[str, Any] = {"models": [{"model": str(ref)}], "merge_method": "passthrough"}
+    if dtype != "auto":
+        recipe["out_dtype"] = dtype
+    options = MergeOptions(device=device, transformers_cache=cache_dir, trust_remote_code=trust_remote_code)
+    config = parse_config(recipe, str(ref))
+    resident = ResidentMerge(config, options, dtype=None if dtype == "auto" else dtype)
+    resident.load(config)
+    return resident.model
 
 
 def load_model(
@@ -50,13 +59,17 @@ def load_model(
 
     ref = parse_ref(reference, str(reference))
     directory = resolve_directory(ModelRef(ref.path, ref.revision), cache_dir)
+    torch_dtype = _torch_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
         if ref.lora is not None:
             adapter = resolve_directory(ref.lora, cache_dir)
-            model = _apply_adapter(model, adapter)
+            model = _adapted(
+                ref, dtype=dtype, device=pick_device(device), trust_remote_code=trust_remote_code, cache_dir=cache_dir
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
         tok_dir = adapter if ref.lora is not None and (adapter / "tokenizer_config.json").exists() else directory
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     except MergeError:

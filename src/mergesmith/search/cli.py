@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mergesmith.commandline import main, setup_logging, user_errors
+from mergesmith.commandline import main, merge_options, setup_logging, user_errors
 from mergesmith.search.optimizers import OPTIMIZERS
 
 
@@ -49,6 +50,10 @@ class SearchProgress:
     "--cpus-per-worker", type=int, default=None, help="CPUs per worker (and torch threads); default 1 on Ray."
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for serial evaluation (cpu, cuda).")
+@click.option("--transformers-cache", default=None, help="Hugging Face download cache directory.")
+@click.option("--lora-merge-cache", default=None, help="Directory to keep materialised base+LoRA models.")
+@click.option("--lora-merge-dtype", default=None, help="dtype for LoRA materialisation.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, help="Passed to transformers.")
 @click.option("--resume", is_flag=True, help="Continue the search stored in --storage-path.")
 @click.option("--save-final-model/--no-save-final-model", default=False, help="Write the best merge to final_model/.")
 @click.option("--holdout", multiple=True, help="TASK to score the best recipe on afterwards (repeatable).")
@@ -82,6 +87,7 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
         cpus_per_worker=opts["cpus_per_worker"],
         resume=opts["resume"],
         device=opts["device"],
+        merge=merge_options({**opts, "random_seed": None, "resume": False, "workers": None, "ray_address": None}),
     )
     start = time.perf_counter()
     display = SearchProgress(options.max_evals, opts["quiet"])
@@ -104,7 +110,7 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
         from mergesmith.search.report import holdout_report
         from mergesmith.search.storage import Storage
 
-        merger = InMemoryMerger(best["recipe"], holdout, device=options.device)
+        merger = InMemoryMerger(best["recipe"], holdout, device=options.device, options=options.merge)
         held = merger.score(best["recipe"]).scores
         weights = [t.weight for t in prepared.tasks]
         lines, record = holdout_report(best["scores"], held, weights, definition.fitness)
@@ -116,7 +122,7 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
     if opts["save_final_model"]:
         import yaml
 
-        from mergesmith.merge import MergeOptions, run_merge
+        from mergesmith.merge import run_merge
         from mergesmith.recipe.schema import parse_config
 
         text = yaml.safe_dump(best["recipe"], sort_keys=False)
@@ -124,6 +130,6 @@ def search(genome_file: str, storage_path: str, **opts: Any) -> None:
             parse_config(best["recipe"], "best_config.yaml"),
             text,
             Path(storage_path) / "final_model",
-            MergeOptions(overwrite=True),
+            replace(options.merge, overwrite=True),  # seed 0, as the candidates were scored
         )
         click.echo(summary.line())

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mergesmith.errors import MergeError
+from mergesmith.preparation import MergeOptions
 from mergesmith.search.fitness import aggregate
 from mergesmith.search.genome import Genome, SearchDefinition
 from mergesmith.search.inmemory import Scored
@@ -42,6 +43,7 @@ class SearchOptions:
     cpus_per_worker: int | None = None
     resume: bool = False
     device: str = "cpu"
+    merge: MergeOptions = field(default_factory=MergeOptions)  # run's options for the in-memory merges
 
     def settings(self) -> dict[str, Any]:
         """What must not change between a run and its --resume (the budget may)."""
@@ -256,5 +258,6 @@ def _start_workers(
             workers=options.workers,
             address=options.ray_address,
             cpus_per_worker=options.cpus_per_worker or 1,
+            options=options.merge,
         )
-    return SerialWorkers(first_recipe, tasks, options.device, options.cpus_per_worker)
+    return SerialWorkers(first_recipe, tasks, options.device, options.cpus_per_worker, options.merge)

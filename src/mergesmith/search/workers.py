@@ -16,6 +16,7 @@ from typing import Any
 
 from mergesmith.errors import MergeError
 from mergesmith.extras import require
+from mergesmith.preparation import MergeOptions
 from mergesmith.search.genome import SearchDefinition
 from mergesmith.search.inmemory import InMemoryMerger, Scored
 from mergesmith.search.tasks import WeightedTask, load_tasks
@@ -34,18 +35,29 @@ ShouldStop = Callable[[], bool]
 
 
 def _make_merger(
-    first_recipe: dict[str, Any], tasks: list[WeightedTask], device: str, threads: int | None
+    first_recipe: dict[str, Any],
+    tasks: list[WeightedTask],
+    device: str,
+    threads: int | None,
+    options: MergeOptions | None = None,
 ) -> InMemoryMerger:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    return InMemoryMerger(first_recipe, tasks, device=device)
+    return InMemoryMerger(first_recipe, tasks, device=device, options=options)
 
 
 class SerialWorkers:
-    def __init__(self, first_recipe: dict[str, Any], tasks: list[WeightedTask], device: str, threads: int | None):
-        self.merger = _make_merger(first_recipe, tasks, device, threads)
+    def __init__(
+        self,
+        first_recipe: dict[str, Any],
+        tasks: list[WeightedTask],
+        device: str,
+        threads: int | None,
+        options: MergeOptions | None = None,
+    ):
+        self.merger = _make_merger(first_recipe, tasks, device, threads, options)
 
     def map(self, jobs: Sequence[Job], on_result: OnResult, should_stop: ShouldStop) -> None:
         for job in jobs:
@@ -58,8 +70,15 @@ class SerialWorkers:
 
 
 class _Actor:
-    def __init__(self, first_recipe: dict[str, Any], definition: SearchDefinition, device: str, threads: int | None):
-        self.merger = _make_merger(first_recipe, load_tasks(definition), device, threads)
+    def __init__(
+        self,
+        first_recipe: dict[str, Any],
+        definition: SearchDefinition,
+        device: str,
+        threads: int | None,
+        options: MergeOptions | None = None,
+    ):
+        self.merger = _make_merger(first_recipe, load_tasks(definition), device, threads, options)
 
     def score(self, recipe: dict[str, Any]) -> Scored:
         return self.merger.score(recipe)
@@ -75,6 +94,7 @@ class RayWorkers:
         address: str | None,
         cpus_per_worker: int,
         gpus_per_worker: float | None = None,
+        options: MergeOptions | None = None,
     ) -> None:
         ray = require("ray", "mergesmith search with --workers > 1 or --ray-address")
         self.ray = ray
@@ -92,7 +112,7 @@ class RayWorkers:
         workers = max(1, workers)
         device = "cuda" if gpus else "cpu"
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=1, max_task_retries=0)(_Actor)
-        self.actors = [actor.remote(first_recipe, definition, device, cpus_per_worker) for _ in range(workers)]
+        self.actors = [actor.remote(first_recipe, definition, device, cpus_per_worker, options) for _ in range(workers)]
         log.info("search: %d Ray workers (%s each)", workers, f"{gpus} GPU" if gpus else f"{cpus_per_worker} CPU")
 
     def map(self, jobs: Sequence[Job], on_result: OnResult, should_stop: ShouldStop) -> None:
