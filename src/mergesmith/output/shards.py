@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mergesmith.engine.mapped import pread_exact
 from mergesmith.engine.sinks import ChunkJob, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
+from mergesmith.sources.reader import pread_exact
 
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 PARTIAL = ".partial"
