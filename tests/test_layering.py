@@ -29,8 +29,6 @@ KNOWN = {
     # item 3 (MoE builds as a plan): the config resolves its inputs through build
     ("mergesmith.moe.config", "mergesmith.moe.build"),
     ("mergesmith.sources.model", "mergesmith.sources.hub"),
-    # item 2 (sinks): the shard writer borrows the engine's pread
-    ("mergesmith.output.shards", "mergesmith.engine.mapped"),
 }
 
 

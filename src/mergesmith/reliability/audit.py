@@ -16,16 +16,18 @@ import numpy as np
 from safetensors import safe_open
 
 from mergesmith import kernels
+from mergesmith.dtypes import DTYPE_BYTES
 from mergesmith.engine.sinks import ChunkJob, ChunkSink, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.output.report import update_report
-from mergesmith.output.shards import Shard, ShardWriter, layout_shards
+from mergesmith.output.shards import ShardWriter
 from mergesmith.plan import Plan
 from mergesmith.reliability.checks import config_problems
 from mergesmith.reliability.resume import ShardJournal, fingerprint
+from mergesmith.shard_layout import Shard, layout_shards
 from mergesmith.sources import arch
-from mergesmith.sources.model import DTYPE_BYTES, ModelInfo
+from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.structure import Structure, find_structure
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.errors import MergeError
+from mergesmith.safetensors_header import header_length
 from mergesmith.sources.model import (
     HUB_PATTERNS,
     ModelInfo,
     TensorMeta,
-    header_length,
     load_model_info,
     parse_header,
     read_json,

@@ -14,11 +14,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# ST_DTYPES and header_length are re-exported for the modules that still import them from here.
 from mergesmith.dtypes import DTYPE_BYTES, numel
-from mergesmith.dtypes import ST_DTYPES as ST_DTYPES
 from mergesmith.errors import MergeError
-from mergesmith.safetensors_header import header_length as header_length
 from mergesmith.safetensors_header import parse_entries, read_header
 from mergesmith.sources.kinds import LoadOptions, kind_for
 from mergesmith.sources.refs import ModelRef
