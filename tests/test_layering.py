@@ -22,8 +22,6 @@ SRC = Path(mergesmith.__file__).resolve().parents[1]
 
 # Import edges that close a cycle today, each removed by the named item of #18 (importer -> imported).
 KNOWN = {
-    # item 4 (methods declare their shape; registry owns the catalogue): get_method imports the package
-    ("mergesmith.methods.registry", "mergesmith.methods"),
     # item 1 (one preparation): distributed tasks call merge.prepare/write_weights, merge calls them
     ("mergesmith.engine.distributed", "mergesmith.merge"),
     # item 3 (MoE builds as a plan): the config resolves its inputs through build
@@ -129,3 +127,14 @@ def test_import_linter_contract() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+def test_registry_alone_sees_every_method() -> None:
+    """get_method no longer imports the methods package (the cycle registry -> methods): importing the
+    registry by itself runs the package's __init__ first, so a fresh interpreter still finds every method."""
+    code = (
+        "from mergesmith.methods.registry import METHODS, get_method\n"
+        "assert get_method('della').name == 'della' and len(METHODS) >= 20, sorted(METHODS)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
