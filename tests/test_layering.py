@@ -26,7 +26,6 @@ KNOWN = {
     ("mergesmith.engine.distributed", "mergesmith.merge"),
     # item 3 (MoE builds as a plan): the config resolves its inputs through build
     ("mergesmith.moe.config", "mergesmith.moe.build"),
-    ("mergesmith.sources.model", "mergesmith.sources.hub"),
 }
 
 

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from mergesmith import kernels
 from mergesmith.errors import MergeError
 from mergesmith.reliability.checks import config_problems
-from mergesmith.sources.model import TensorMeta, read_json, read_safetensors_header
+from mergesmith.sources.jsonfile import read_json
+from mergesmith.sources.model import TensorMeta, read_safetensors_header
 
 INDEX = "model.safetensors.index.json"
 
