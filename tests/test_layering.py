@@ -1,9 +1,9 @@
 """The layering of issue #18 item 7: the import-linter contract in pyproject.toml, and no import cycle
 anywhere in src/ (imports inside functions count: grimp reads every import statement).
 
-Each known exception is listed where it is allowed (`ignore_imports` in pyproject.toml, `KNOWN`
-below) with the item of #18 that removes it; both fail when an exception no longer occurs, so
-the list only shrinks."""
+The contract allows no exception (no `ignore_imports`: import-linter would also fail on a stale one).
+The cycle edges still allowed are in `KNOWN` below, each with the item of #18 that removes it; the
+test fails when one no longer occurs, so the list only shrinks."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ SRC = Path(mergesmith.__file__).resolve().parents[1]
 
 # Import edges that close a cycle today, each removed by the named item of #18 (importer -> imported).
 KNOWN = {
-    # item 1 (one preparation): distributed tasks call merge.prepare/write_weights, merge calls them
-    ("mergesmith.engine.distributed", "mergesmith.merge"),
     # item 3 (MoE builds as a plan): the config resolves its inputs through build
     ("mergesmith.moe.config", "mergesmith.moe.build"),
 }
