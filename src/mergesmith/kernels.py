@@ -343,11 +343,11 @@ def nonfinite(data: np.ndarray | memoryview | torch.Tensor, dtype: str | None = 
     assert dtype is not None
     if dtype not in _NONFINITE:
         return 0
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data.reshape(-1).view(np.uint8)
-    if _LIB is not None and dtype in KINDS:
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data
+    if _LIB is not None and dtype in KINDS:  # (per chunk of a merge: nothing else on this path)
         return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // DTYPE_BYTES[dtype]))
     word, mask = _NONFINITE[dtype]  # without the compiled kernel (or for its dtypes): NumPy, in steps
-    values, bits, bad = raw.view(word), word(mask), 0
+    values, bits, bad = raw.reshape(-1).view(np.uint8).view(word), word(mask), 0
     for start in range(0, values.size, SCAN_CHUNK):
         bad += int(np.count_nonzero((values[start : start + SCAN_CHUNK] & bits) == bits))
     return bad
