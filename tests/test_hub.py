@@ -15,8 +15,7 @@ from fakehub import RESOLVE, FakeHub, hub  # noqa: F401  (hub is a fixture)
 from formulas import f64
 
 from mergesmith.output.card import front_matter
-from mergesmith.sources.hub import load_model_metadata
-from mergesmith.sources.model import load_model_info
+from mergesmith.sources.model import load_model_info, load_model_metadata
 from mergesmith.sources.refs import parse_ref
 
 EXTRAS = {"notes.txt": "training notes\n", "modeling_custom.py": "raise SystemExit('never fetched')\n"}

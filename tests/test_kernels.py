@@ -211,16 +211,35 @@ def test_fused_linear_equals_the_torch_operations(dtype, via, out, n, divisor):
     assert torch.allclose(result.double(), exact, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_nonfinite_counts_nan_and_inf(dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_nonfinite_counts_nan_and_inf(dtype, monkeypatch):
     x = torch.randn(10_001, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
     x[[0, 17, 5000]] = float("nan")
     x[[9, 10_000]] = float("inf")
     x[44] = -float("inf")
     raw = x.view(torch.uint8).numpy()
-    assert kernels.nonfinite(raw, dtype) == kernels.numpy_nonfinite(raw, dtype) == 6
-    assert kernels.nonfinite(memoryview(raw[: 10 * x.element_size()]), dtype) == 2  # values 0 and 9
-    assert kernels.nonfinite(np.zeros(8, np.uint8), "int64") == 0
+    expected = int((~torch.isfinite(x)).sum())  # torch's own test of every value
+    assert expected == 6
+    for lib in (kernels._LIB, None):  # the compiled scan, then the NumPy fallback (in steps)
+        monkeypatch.setattr(kernels, "_LIB", lib)
+        monkeypatch.setattr(kernels, "SCAN_CHUNK", 1000)
+        assert kernels.nonfinite(raw, dtype) == expected
+        assert kernels.nonfinite(x) == expected  # a tensor: scanned as its bytes
+        assert kernels.nonfinite(x.view(-1, 1)[::2]) == 4  # not contiguous, copied: values 0, 44, 5000, 10000
+        assert kernels.nonfinite(memoryview(raw[: 10 * x.element_size()]), dtype) == 2  # values 0 and 9
+        assert kernels.nonfinite(np.zeros(8, np.uint8), "int64") == 0
+        assert kernels.nonfinite(torch.tensor([1, 2, 3])) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_nonfinite_counts_float8(dtype, monkeypatch):
+    x = torch.tensor([0.5, -1.0, float("nan"), 2.0, -float("nan")]).to(getattr(torch, dtype))
+    if dtype == "float8_e5m2":
+        x = torch.cat([x, torch.tensor([float("inf"), -float("inf")]).to(x.dtype)])
+    expected = int((~torch.isfinite(x.float())).sum())
+    assert expected == (2 if dtype == "float8_e4m3fn" else 4)
+    monkeypatch.setattr(kernels, "_LIB", None)
+    assert kernels.nonfinite(x) == expected
 
 
 @pytest.mark.parametrize(

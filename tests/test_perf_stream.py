@@ -100,7 +100,8 @@ def test_unlucky_sample_observes_again(monkeypatch):
 def test_shard_digests_while_writing_equal_the_files(tmp_path):
     """The writer's running digest (for the resume journal) is the digest of the finished file."""
     from mergesmith.engine.sinks import ChunkJob
-    from mergesmith.output.shards import ShardWriter, file_digest, layout_shards
+    from mergesmith.output.shards import ShardWriter, file_digest
+    from mergesmith.shard_layout import layout_shards
 
     tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(6)}
     shards = layout_shards([(n, "float32", tuple(t.shape)) for n, t in tensors.items()], 4000)

@@ -16,9 +16,9 @@ import yaml
 from conftest import run_cli
 
 from mergesmith.engine.schedule import schedule
-from mergesmith.output.shards import layout_shards
 from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import load_config
+from mergesmith.shard_layout import layout_shards
 
 LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV = 126, 16384, 53248, 128256, 128, 8
 KV_DIM = HIDDEN // HEADS * KV

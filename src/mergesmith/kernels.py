@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mergesmith.dtypes import DTYPE_BYTES
+from mergesmith.lazy_torch import torch
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -261,15 +262,20 @@ def ties_combine(deltas: list[np.ndarray], weights: list[float], normalize: bool
     return deltas[0]
 
 
-#: The raw float formats of model files the kernels read and write (torch's dtype names), and the
-#: exponent mask of each (a value is NaN or infinite where all its exponent bits are set).
+#: The raw float formats of model files the kernels read and write (torch's dtype names).
 KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
-_EXPONENT = {
+#: Per floating dtype, the bits that make a value NaN or infinite: (word, mask), the value's bits
+#: `& mask == mask` (all exponent bits set; float8_e4m3fn has no infinities, its NaN is S.1111.111).
+_NONFINITE = {
     "float32": (np.uint32, 0x7F800000),
     "bfloat16": (np.uint16, 0x7F80),
     "float16": (np.uint16, 0x7C00),
     "float64": (np.uint64, 0x7FF0000000000000),
+    "float8_e5m2": (np.uint8, 0x7C),
+    "float8_e4m3fn": (np.uint8, 0x7F),
 }
+#: Values per step of the NumPy scan: bounds its temporaries (the masked words and the comparison).
+SCAN_CHUNK = 1 << 24
 
 
 def raw_kinds() -> frozenset[str]:
@@ -324,20 +330,27 @@ def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None)
     )
 
 
-def nonfinite(data: np.ndarray | memoryview, dtype: str) -> int:
-    """How many NaN or infinite values the raw bytes `data` of `dtype` hold (0 for integer dtypes)."""
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data
-    if _LIB is None or dtype not in KINDS:
-        return numpy_nonfinite(raw, dtype)
-    return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // DTYPE_BYTES[dtype]))
-
-
-def numpy_nonfinite(raw: np.ndarray, dtype: str) -> int:
-    if dtype not in _EXPONENT:
+def nonfinite(data: np.ndarray | memoryview | torch.Tensor, dtype: str | None = None) -> int:
+    """How many NaN or infinite values `data` holds: raw bytes (an array or memoryview) of `dtype`,
+    or a tensor of its own dtype, scanned as its bytes (copied only where it is not contiguous or
+    not on the CPU). 0 for integer and bool dtypes. The one NaN scan: the audit checks every chunk
+    the engine writes with it, `verify` and resumed shards every tensor read back."""
+    if not isinstance(data, np.ndarray | memoryview):
+        dtype = str(data.dtype).removeprefix("torch.")
+        if dtype not in _NONFINITE:
+            return 0
+        data = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    assert dtype is not None
+    if dtype not in _NONFINITE:
         return 0
-    bits, mask = _EXPONENT[dtype]
-    values = raw.reshape(-1).view(np.uint8).view(bits)
-    return int(np.count_nonzero((values & bits(mask)) == bits(mask)))
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, memoryview) else data
+    if _LIB is not None and dtype in KINDS:  # (per chunk of a merge: nothing else on this path)
+        return int(_LIB.ms_nonfinite(raw.ctypes.data, KINDS[dtype], raw.nbytes // DTYPE_BYTES[dtype]))
+    word, mask = _NONFINITE[dtype]  # without the compiled kernel (or for its dtypes): NumPy, in steps
+    values, bits, bad = raw.reshape(-1).view(np.uint8).view(word), word(mask), 0
+    for start in range(0, values.size, SCAN_CHUNK):
+        bad += int(np.count_nonzero((values[start : start + SCAN_CHUNK] & bits) == bits))
+    return bad
 
 
 def delta(x: Raw, base: Raw) -> np.ndarray:

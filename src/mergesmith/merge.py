@@ -9,20 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergesmith.engine.executor import Executor
 from mergesmith.errors import InputChangedError, MergeError
 from mergesmith.methods.registry import get_method
 from mergesmith.output import card, model_files
-from mergesmith.output.shards import ShardWriter
 from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
-from mergesmith.preparation import MergeOptions, merge_sources, merge_statistics, prepare_merge
+from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
-from mergesmith.reliability.audit import Audit, finish_report, merge_fingerprint, open_audit
+from mergesmith.reliability.audit import finish_report, merge_fingerprint, open_audit
 from mergesmith.reliability.resume import finished_problem, record_finished
 from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import parse_ref
 from mergesmith.tokenizer import save_vocabulary
+from mergesmith.weights import write_weights
 
 log = logging.getLogger("mergesmith")
 
@@ -52,39 +51,6 @@ class MergeSummary:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def write_weights(
-    plan: Plan,
-    models: dict[str, ModelInfo],
-    directory: Path,
-    config: MergeConfig,
-    options: MergeOptions,
-    progress: Callable[[OutputTensor], None] | None = None,
-    audit: Audit | None = None,
-) -> list[str]:
-    """Stream every planned tensor through its method into the shards; returns the shard names.
-
-    The audit checks each tensor before the writer gets it and skips the shards a resumed run reuses."""
-    audit = audit or open_audit(directory, plan, models, options)
-    writer = ShardWriter(directory, audit.journal.pending, index=False)  # the journal writes the whole index
-    try:
-        sources = merge_sources(models)
-        executor = Executor(
-            audit.journal.pending_plan(plan),
-            sources,
-            dtype=config.dtype,
-            device=options.device,
-            seed=options.random_seed or 0,
-            statistics=merge_statistics(plan, models, config, options),
-        )
-        executor.run(audit.wrap(writer), progress)
-    except BaseException:
-        writer.abort()
-        raise
-    files = audit.journal.finish(writer.close())
-    audit.check_reused(directory)
-    return files
 
 
 def write_side_files(
@@ -136,7 +102,7 @@ def run_merge(
     plan, models = prepare_merge(config, options)
     distributed = bool(options.workers or options.ray_address)
     if distributed:
-        from mergesmith.engine.distributed import require_ray
+        from mergesmith.distributed import require_ray
 
         require_ray()  # before any work
     if plan_transform is not None:
@@ -160,7 +126,7 @@ def run_merge(
         audit = open_audit(directory, plan, models, options)
         write = write_weights
         if distributed:
-            from mergesmith.engine.distributed import write_weights_distributed as write
+            from mergesmith.distributed import write_weights_distributed as write
         files = write(plan, models, directory, config, options, progress, audit)
         write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
         notes = finish_report(directory, plan, models, audit, options.random_seed or 0)

@@ -37,7 +37,7 @@ class MergeOptions:
     resume: bool = False  # reuse the finished shards of an interrupted run of the same merge
     allow_nonfinite: bool = False  # keep NaN/Inf in the output instead of failing
     strict: bool = False  # a key or parameter mergekit would ignore is an error, not a warning
-    workers: int = 0  # > 0: split the merge into this many Ray tasks (engine.distributed)
+    workers: int = 0  # > 0: split the merge into this many Ray tasks (distributed.py)
     ray_address: str | None = None  # a running Ray cluster to use (else --workers starts a local one)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mergesmith.dtypes import numel
 from mergesmith.lazy_torch import torch
 
 
@@ -50,13 +51,6 @@ class Buffers:
 def as_bytes(part: torch.Tensor) -> np.ndarray:
     """The bytes of `part`, a contiguous CPU tensor (an output slot's view), without a copy."""
     return part.reshape(-1).view(torch.uint8).numpy()
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 #: `target(shape)` -> (an output buffer of that shape, a token the caller gives back with it): where

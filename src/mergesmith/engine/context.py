@@ -15,6 +15,7 @@ import numpy as np
 
 from mergesmith import kernels
 from mergesmith.calibration import Statistics
+from mergesmith.dtypes import DTYPE_BYTES
 from mergesmith.engine.buffers import Buffers
 from mergesmith.engine.mapped import Entry, MappedFiles, read_entries, read_views
 from mergesmith.engine.sinks import ChunkSink
@@ -25,7 +26,6 @@ from mergesmith.methods.registry import get_method
 from mergesmith.methods.stream import Observation
 from mergesmith.plan import OutputTensor
 from mergesmith.rng import TensorRNG
-from mergesmith.sources.model import DTYPE_BYTES
 from mergesmith.sources.reader import TensorSource
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mergesmith.dtypes import DTYPE_BYTES, numel
 from mergesmith.engine.chunks import CHUNK_ELEMENTS
 from mergesmith.engine.context import method_params
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor
-from mergesmith.sources.model import DTYPE_BYTES
 
 #: Chunks in flight at once: the computing workers' and the writer's ring (see engine/executor.py).
 CHUNKS_IN_FLIGHT = 3
@@ -27,13 +27,6 @@ class Footprint:
     whole: str | None  # why the tensor is merged whole (None: it streams)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def whole_tensor_reason(t: OutputTensor) -> str | None:
     """Why `t` (of two or more dimensions) is merged from whole tensors, or None when it streams."""
     if any(x.shape != t.shape for x in t.inputs):
@@ -42,14 +35,14 @@ def whole_tensor_reason(t: OutputTensor) -> str | None:
 
 
 def footprint(t: OutputTensor) -> Footprint:
-    numel = _numel(t.shape)
+    n = numel(t.shape)
     inputs = len(t.inputs) + 1  # and the result
     reason = whole_tensor_reason(t) if len(t.shape) >= 2 else None
     if len(t.shape) < 2 or reason is not None:  # 0-/1-D tensors are whole too, and small
-        return Footprint(4 * numel * inputs + t.nbytes, reason)
-    per_row = max(_numel(t.shape[1:]), 1)
+        return Footprint(4 * n * inputs + t.nbytes, reason)
+    per_row = max(numel(t.shape[1:]), 1)
     rows = min(max(1, CHUNK_ELEMENTS // per_row), t.shape[0])  # per chunk
     in_flight = min(CHUNKS_IN_FLIGHT, -(-t.shape[0] // rows))
     random = get_method(t.method).uses_rng
-    masks = numel // 8 * len(t.others) if random else 0  # DARE/DELLA keep each model's mask as bits between passes
+    masks = n // 8 * len(t.others) if random else 0  # DARE/DELLA keep each model's mask as bits between passes
     return Footprint(in_flight * rows * per_row * (4 * inputs + DTYPE_BYTES[t.dtype]) + masks, None)

@@ -10,10 +10,8 @@ without torch, for the engine's torch-free paths (pure copies, fused kernels).
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 import threading
 import warnings
 from collections.abc import Mapping
@@ -22,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mergesmith.errors import InputChangedError
+from mergesmith import safetensors_header
+from mergesmith.dtypes import DTYPE_BYTES
+from mergesmith.errors import InputChangedError, MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
-from mergesmith.sources.reader import TensorReader, TensorSource
+from mergesmith.sources.reader import TensorReader, TensorSource, pread_exact
 
 PAGE = mmap.PAGESIZE
 _VIEWABLE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}  # views as torch tensors
@@ -46,22 +45,25 @@ class MappedFiles:
     """Maps each safetensors file once; `view(source, name)` or None when it cannot map."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, tuple[np.memmap, int, dict] | None] = {}
+        self._files: dict[Path, tuple[np.memmap, int, dict[str, safetensors_header.Entry]] | None] = {}
         self._fds: dict[Path, int] = {}
         self._spans: dict[Path, tuple[int, int]] = {}  # path -> (address, size) of its map
         self._lock = threading.Lock()
 
-    def _open(self, path: Path) -> tuple[np.memmap, int, dict] | None:
+    def _open(self, path: Path) -> tuple[np.memmap, int, dict[str, safetensors_header.Entry]] | None:
         if path not in self._files:
             try:
-                with path.open("rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(n))
+                start, entries = safetensors_header.read_header(path)
                 mm = np.memmap(path, dtype=np.uint8, mode="r")
-                self._files[path] = (mm, 8 + n, header)
-                self._spans[path] = (mm.ctypes.data, mm.nbytes)  # (NumPy's .ctypes is slow to ask per chunk)
-            except (OSError, ValueError, struct.error):
-                self._files[path] = None
+            except OSError:
+                self._files[path] = None  # unreadable here: the source's own reader reports it
+                return None
+            except MergeError as err:  # its header was read whole when the merge was planned
+                raise InputChangedError(
+                    f"{err.message}; it was truncated or replaced while the merge read it", str(path)
+                ) from None
+            self._files[path] = (mm, start, entries)
+            self._spans[path] = (mm.ctypes.data, mm.nbytes)  # (NumPy's .ctypes is slow to ask per chunk)
         return self._files[path]
 
     def _where(self, t: torch.Tensor) -> tuple[Path, int] | None:
@@ -134,17 +136,11 @@ class MappedFiles:
         opened = self._open(path)
         if opened is None:
             return None
-        _, start, header = opened
-        info = header.get(name)
-        dtype = ST_DTYPES.get(info.get("dtype")) if info is not None else None
-        if dtype is None:
-            return None
-        a, b = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        size = DTYPE_BYTES[dtype]
-        if (start + a) % size or b - a != int(np.prod(shape, dtype=np.int64)) * size:
-            return None
-        return Entry(path, start + a, b - a, dtype, shape)
+        _, start, entries = opened
+        e = entries.get(name)
+        if e is None or (start + e.start) % DTYPE_BYTES[e.dtype]:
+            return None  # not in this file, or its bytes not aligned for a view
+        return Entry(path, start + e.start, e.end - e.start, e.dtype, e.shape)
 
     def view(self, source: TensorSource, name: str) -> torch.Tensor | None:
         entry = self.entry(source, name)
@@ -156,37 +152,6 @@ class MappedFiles:
             warnings.simplefilter("ignore")  # read-only memory: we never write through these views
             t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if entry.dtype == "bfloat16" else t
-
-
-def pread_exact(fd: int, view: memoryview, offset: int, where: str | None = None) -> None:
-    """Fill `view` (bytes) from file descriptor `fd` at `offset`; `where` names the file in errors.
-
-    Reads of input tensors go through here, not through their memory maps: a file truncated by
-    another process mid-merge then gives a short read, reported naming the file, where touching the
-    map past the file's new end would kill the process with SIGBUS."""
-    done = 0
-    while done < len(view):
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as err:
-            raise InputChangedError(f"cannot read the file ({err.strerror})", where or fd_path(fd)) from None
-        if got <= 0:
-            size = os.fstat(fd).st_size
-            raise InputChangedError(
-                f"the file ended early: it is {size} bytes now, but the merge needs bytes up to"
-                f" {offset + len(view)}; it was truncated or replaced while the merge read it"
-                " (the output is left staged; restore the file and run again)",
-                where or fd_path(fd),
-            )
-        done += got
-
-
-def fd_path(fd: int) -> str:
-    """The file that descriptor `fd` reads, for messages (Linux's /proc; else the number)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return f"input file descriptor {fd}"
 
 
 def read_entries(

@@ -13,9 +13,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mergesmith.output.shards import Shard
+from mergesmith.dtypes import DTYPE_BYTES, numel
 from mergesmith.plan import InputTensor, OutputTensor, Plan
-from mergesmith.sources.model import DTYPE_BYTES
+from mergesmith.shard_layout import Shard
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class Task:
 
 
 def input_bytes(x: InputTensor) -> int:
-    n = DTYPE_BYTES[x.dtype]
-    for s in x.shape:
-        n *= s
-    return n
+    return numel(x.shape) * DTYPE_BYTES[x.dtype]
 
 
 def shard_reads(plan: Plan, shards: Sequence[Shard]) -> dict[str, set[tuple[str, str]]]:

@@ -15,7 +15,8 @@ from typing import Any
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.lora.algebra import lora_scale
-from mergesmith.sources.model import TensorMeta, load_bin, read_json, read_safetensors_header, resolve_directory
+from mergesmith.sources.jsonfile import read_json
+from mergesmith.sources.model import TensorMeta, load_bin, read_safetensors_header, resolve_directory
 from mergesmith.sources.refs import ModelRef
 
 PREFIX = "base_model.model."

@@ -89,8 +89,9 @@ register_kind(BASE_PLUS_ADAPTER)
 def materialise(info: ModelInfo, target: Path) -> None:
     """Write base+adapter as a plain model directory (atomically), in the base's dtypes."""
     from mergesmith.output import model_files
-    from mergesmith.output.shards import ShardWriter, layout_shards
+    from mergesmith.output.shards import ShardWriter
     from mergesmith.output.staging import StagedOutput
+    from mergesmith.shard_layout import layout_shards
 
     staged = StagedOutput(target, overwrite=True)
     directory = staged.begin()

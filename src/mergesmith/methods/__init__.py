@@ -2,8 +2,6 @@
 
 from mergesmith.methods import (  # noqa: F401
     arcee_fusion,
-    breadcrumbs,
-    della,
     iso,
     karcher,
     linear,

@@ -280,8 +280,9 @@ def _hint(fn: Callable[..., Any], p: inspect.Parameter) -> Any:
 
 
 def get_method(name: str, where: str = "merge_method") -> MergeMethod:
-    from mergesmith import methods  # noqa: F401  (importing the package registers every method)
-
+    """The registered method `name`. The catalogue is full whenever this module is importable:
+    importing `mergesmith.methods.registry` runs the package's `__init__` first, which imports
+    (registers) every method."""
     try:
         return METHODS[name]
     except KeyError:
@@ -292,6 +293,4 @@ def get_method(name: str, where: str = "merge_method") -> MergeMethod:
 
 
 def all_param_names() -> set[str]:
-    from mergesmith import methods  # noqa: F401
-
     return {p for m in METHODS.values() for p in m.params}

@@ -11,13 +11,8 @@ import json
 from pathlib import Path
 
 from mergesmith.errors import MergeError
+from mergesmith.output.staging import staging_dir
 from mergesmith.sources.model import read_safetensors_header
-
-
-def staging_dir(directory: Path) -> Path:
-    """Where StagedOutput writes a merge of `directory` before moving it into place."""
-    d = directory.resolve()
-    return d.parent / f".{d.name}.mergesmith-partial"
 
 
 def audit_merge(directory: str | Path) -> list[str]:

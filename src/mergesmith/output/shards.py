@@ -1,13 +1,12 @@
 """Sharded safetensors output, written tensor by tensor in bounded memory.
 
-(Over 400 lines: the layout, the block writer with its direct I/O and the file-to-file copies are
-one protocol over the same offsets; split, each half would need the other's invariants.)
+(Over 400 lines: the block writer with its direct I/O and the file-to-file copies are one protocol
+over the same offsets; split, each half would need the other's invariants.)
 
 Every output tensor's name, shape and dtype is known from the plan, so each shard's header (with
-all data offsets) is written first and every tensor is then written straight to its offset as
-soon as it is computed: nothing accumulates in memory, and tensors may arrive in any order.
-Shards are split like mergekit's: a shard is closed before a tensor that would push it past
-`max_bytes` (<= 0: one shard). Files carry a `.partial` suffix until `close()`.
+all data offsets: `shard_layout`) is written first and every tensor is then written straight to
+its offset as soon as it is computed: nothing accumulates in memory, and tensors may arrive in any
+order. Files carry a `.partial` suffix until `close()`.
 """
 
 from __future__ import annotations
@@ -19,69 +18,19 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from mergesmith.engine.mapped import pread_exact
 from mergesmith.engine.sinks import ChunkJob, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.sources.model import DTYPE_BYTES, ST_DTYPES
+from mergesmith.shard_layout import Shard, TensorSlot
+from mergesmith.shard_layout import layout_shards as layout_shards  # for moe/build.py until its rewrite lands
+from mergesmith.sources.reader import pread_exact
 
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 PARTIAL = ".partial"
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # offset inside the data section
-    end: int
-
-
-@dataclass(frozen=True)
-class Shard:
-    file: str
-    slots: tuple[TensorSlot, ...]
-    header: bytes
-
-    @property
-    def size(self) -> int:
-        return 8 + len(self.header) + (self.slots[-1].end if self.slots else 0)
-
-
-def layout_shards(tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[Shard]:
-    """Assign (name, dtype, shape) tensors to shards and build each shard's header."""
-    groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
-    used = 0
-    for name, dtype, shape in tensors:
-        n = DTYPE_BYTES[dtype]
-        for s in shape:
-            n *= s
-        if groups[-1] and max_bytes > 0 and used + n > max_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append((name, dtype, shape, n))
-        used += n
-    count = len(groups)
-    shards = []
-    for k, group in enumerate(groups, start=1):
-        file = "model.safetensors" if count == 1 else f"model-{k:05d}-of-{count:05d}.safetensors"
-        slots, offset = [], 0
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        for name, dtype, shape, n in group:
-            slots.append(TensorSlot(name, dtype, shape, offset, offset + n))
-            header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        shards.append(Shard(file, tuple(slots), raw))
-    return shards
 
 
 #: Bytes per block of output written at once; blocks are page-aligned so they can go to the disk

@@ -10,10 +10,16 @@ from pathlib import Path
 from mergesmith.errors import MergeError
 
 
+def staging_dir(out: Path) -> Path:
+    """Where a merge into `out` is written before it moves into place (a hidden sibling of `out`)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.mergesmith-partial"
+
+
 class StagedOutput:
     def __init__(self, out: Path, overwrite: bool = False) -> None:
         self.out = out.resolve()
-        self.staging = self.out.parent / f".{self.out.name}.mergesmith-partial"
+        self.staging = staging_dir(self.out)
         self.overwrite = overwrite
 
     def has_files(self) -> bool:

@@ -1,31 +1,13 @@
-"""Checks shared by the post-merge audit and `mergesmith verify`: finiteness and config consistency."""
+"""Checks shared by the post-merge audit and `mergesmith verify`: config.json consistent with the
+tensors written. (Their NaN/Inf check is the one scan, `kernels.nonfinite`.)"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from mergesmith.lazy_torch import torch
 from mergesmith.sources import arch
 from mergesmith.sources.structure import find_structure
-
-CHUNK = 1 << 24  # elements per finiteness check: bounds the temporary boolean mask
-
-
-def nonfinite_count(tensor: torch.Tensor) -> int:
-    """How many NaN or Inf values `tensor` holds (0 for integer tensors)."""
-    if not tensor.is_floating_point():
-        return 0
-    # Fast path: one reduction, no temporary. A finite sum means every value is finite (any NaN or
-    # Inf makes the sum NaN or Inf); only an infinite sum needs the exact count.
-    if bool(torch.isfinite(torch.sum(tensor, dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))):
-        return 0
-    flat = tensor.reshape(-1)
-    bad = 0
-    for start in range(0, flat.numel(), CHUNK):
-        part = flat[start : start + CHUNK]
-        bad += part.numel() - int(torch.isfinite(part).sum())
-    return bad
 
 
 def config_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:

@@ -107,7 +107,7 @@ def report_moe_validation(config_file: str, strict: bool = False) -> int:
 def schedule_lines(plan: Plan, *, workers: int, shard_size: int, bandwidth: int) -> list[str]:
     """The `--workers` schedule of `plan`: the shards a run would write, dealt to its tasks."""
     from mergesmith.engine import schedule
-    from mergesmith.output.shards import layout_shards
+    from mergesmith.shard_layout import layout_shards
 
     if bandwidth <= 0:
         raise MergeError("--bandwidth must be a positive number of bytes per second, like 1B or 500M", "--bandwidth")

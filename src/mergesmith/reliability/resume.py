@@ -19,8 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from mergesmith.output.report import REPORT, update_report
-from mergesmith.output.shards import PARTIAL, Shard, file_digest, write_index
+from mergesmith.output.shards import PARTIAL, file_digest, write_index
 from mergesmith.plan import Plan
+from mergesmith.shard_layout import Shard
 from mergesmith.sources.model import ModelInfo
 
 log = logging.getLogger("mergesmith")

@@ -23,8 +23,7 @@ from mergesmith.plan import Plan, parse_block, plan_merge
 from mergesmith.recipe.leniency import Ignored, check_recipe, parameter_blocks
 from mergesmith.recipe.schema import MergeConfig, load_yaml, validation_error_to_merge_error
 from mergesmith.sources import arch
-from mergesmith.sources.hub import load_model_metadata
-from mergesmith.sources.model import ModelInfo
+from mergesmith.sources.model import ModelInfo, load_model_metadata
 from mergesmith.sources.refs import ModelRef, parse_ref
 from mergesmith.sources.structure import find_structure
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from mergesmith import kernels
 from mergesmith.errors import MergeError
-from mergesmith.reliability.checks import config_problems, nonfinite_count
-from mergesmith.sources.model import TensorMeta, read_json, read_safetensors_header
+from mergesmith.reliability.checks import config_problems
+from mergesmith.sources.jsonfile import read_json
+from mergesmith.sources.model import TensorMeta, read_safetensors_header
 
 INDEX = "model.safetensors.index.json"
 
@@ -48,7 +50,7 @@ def verify_directory(directory: Path) -> tuple[list[str], dict[str, TensorMeta]]
             tensors[name] = meta
         with safe_open(str(directory / file), framework="pt", device="cpu") as f:
             for name in metas:
-                bad = nonfinite_count(f.get_tensor(name))
+                bad = kernels.nonfinite(f.get_tensor(name))
                 if bad:
                     problems.append(f"{directory / file}: tensor {name} has {bad} NaN/Inf values")
     if expected:

@@ -6,10 +6,10 @@ uses: the shards named by `model.safetensors.index.json`, or `model.safetensors`
 only when the repository has no safetensors. A `consolidated.safetensors` beside the shards, training
 state or `*.bin` duplicates are never downloaded.
 
-`load_model_metadata` (what `validate` and `run --dry-run` use) reads a hub model without a byte of
-weights: config.json and the index through the cache, each safetensors header through two HTTP range
-reads (the 8-byte length, then the header). A `.bin`-only repository is the exception: a pickle has no
-header, so its files are downloaded (as `run` would) and opened with the weights-only loader.
+`read_remote_header` reads a safetensors header through two HTTP range reads (the 8-byte length, then
+the header), so `sources.model.load_model_metadata` (what `validate` and `run --dry-run` use) reads a
+hub model without a byte of weights. This module knows nothing of models: `sources.model` builds
+them from what it fetches (and imports it; the other way round would be a cycle).
 
 Everything goes through huggingface_hub (its cache, token, HF_ENDPOINT, HF_HUB_OFFLINE); when the hub
 cannot be reached, a model already in the cache is used as before.
@@ -19,20 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mergesmith.errors import MergeError
-from mergesmith.sources.model import (
-    HUB_PATTERNS,
-    ModelInfo,
-    TensorMeta,
-    header_length,
-    load_model_info,
-    parse_header,
-    read_json,
-)
+from mergesmith.safetensors_header import Entry, header_length, parse_entries
+from mergesmith.sources.jsonfile import read_json
 from mergesmith.sources.refs import ModelRef
 
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 SMALL_FILES = [p for p in HUB_PATTERNS if not p.endswith(".safetensors")]
 ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -96,7 +89,7 @@ def hub_error(err: Exception, ref: ModelRef) -> MergeError:
     )
 
 
-def _unreachable(err: Exception) -> bool:
+def unreachable(err: Exception) -> bool:
     """The hub cannot be asked (offline mode, no network): the cache may still hold the model."""
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -112,7 +105,7 @@ def list_repo(ref: ModelRef) -> Listing:
     return Listing(ref.path, ref.revision, str(info.sha), files)
 
 
-def _fetch(listing: Listing, filename: str, cache_dir: str | None) -> Path:
+def fetch(listing: Listing, filename: str, cache_dir: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(listing.repo, filename, revision=listing.sha, cache_dir=cache_dir))
@@ -122,7 +115,7 @@ def weight_files(listing: Listing, cache_dir: str | None) -> tuple[str, list[str
     """(format, the weight files the model uses); an index is fetched (small) to learn its shards."""
     for fmt, index, single in (("safetensors", ST_INDEX, ST_SINGLE), ("bin", BIN_INDEX, BIN_SINGLE)):
         if index in listing.files:
-            path = _fetch(listing, index, cache_dir)
+            path = fetch(listing, index, cache_dir)
             data = read_json(path)
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
@@ -150,7 +143,7 @@ def download(ref: ModelRef, cache_dir: str | None = None) -> Path:
     try:
         listing = list_repo(ref)
     except Exception as err:
-        if not _unreachable(err):
+        if not unreachable(err):
             raise hub_error(err, ref) from None
         return small_files_snapshot(ref, cache_dir)
     try:
@@ -176,61 +169,7 @@ def small_files_snapshot(ref: ModelRef, cache_dir: str | None) -> Path:
         raise hub_error(err, ref) from None
 
 
-def load_model_metadata(ref: ModelRef, cache_dir: str | None = None) -> ModelInfo:
-    """ModelInfo for any reference, touching no weight bytes of a hub model with safetensors."""
-    if ref.lora is not None or not is_hub_ref(ref):
-        return load_model_info(ref, cache_dir)
-    try:
-        listing = list_repo(ref)
-    except Exception as err:
-        if not _unreachable(err):
-            raise hub_error(err, ref) from None
-        return load_model_info(ref, cache_dir)  # the cached snapshot, if there is one
-    try:
-        return _remote_model_info(ref, listing, cache_dir)
-    except Exception as err:
-        raise hub_error(err, ref) from None
-
-
-def _remote_model_info(ref: ModelRef, listing: Listing, cache_dir: str | None) -> ModelInfo:
-    fmt, files = weight_files(listing, cache_dir)
-    if fmt != "safetensors":
-        if fmt == "none" and "adapter_config.json" in listing.files:
-            raise MergeError(f"this is a LoRA adapter, not a model; reference it as 'BASE+{ref}'", str(ref))
-        if fmt == "none":
-            raise MergeError(
-                "no model weights in the hub repository (expected model.safetensors[.index.json] or"
-                " pytorch_model.bin[.index.json])",
-                str(ref),
-            )
-        return load_model_info(ref, cache_dir)  # .bin: no header to read, so it is downloaded
-    config: dict[str, Any] = {}
-    directory = _snapshot_dir(listing, cache_dir)
-    if "config.json" in listing.files:
-        path = _fetch(listing, "config.json", cache_dir)
-        directory = path.parent
-        config = read_json(path)
-        if not isinstance(config, dict):
-            raise MergeError("config.json must be a JSON object", str(path))
-    if ref.override_architecture:
-        config = {**config, "architectures": [ref.override_architecture]}
-    weight_map: dict[str, str] = {}
-    if files[0] == ST_INDEX:
-        weight_map = read_json(_fetch(listing, ST_INDEX, cache_dir))["weight_map"]
-        files = files[1:]
-    tensors: dict[str, TensorMeta] = {}
-    for file in files:
-        for name, meta in read_remote_header(listing, file).items():
-            if weight_map and weight_map.get(name) not in (None, file):
-                continue
-            tensors[name] = meta
-    missing = [n for n in weight_map if n not in tensors]
-    if missing:
-        raise MergeError(f"index names tensors that its shards lack: {missing[:3]}", str(ref))
-    return ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format="safetensors")
-
-
-def _snapshot_dir(listing: Listing, cache_dir: str | None) -> Path:
+def snapshot_dir(listing: Listing, cache_dir: str | None) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
@@ -254,10 +193,11 @@ def _get_range(listing: Listing, file: str, start: int, end: int) -> tuple[bytes
     return body, int(total) if total.isdigit() else None
 
 
-def read_remote_header(listing: Listing, file: str) -> dict[str, TensorMeta]:
-    """Tensor metadata of one safetensors file on the hub: its 8-byte length, then its JSON header."""
+def read_remote_header(listing: Listing, file: str) -> dict[str, Entry]:
+    """The tensors of one safetensors file on the hub, checked (`safetensors_header`): its 8-byte
+    length, then its JSON header, by two range reads."""
     where = f"{listing.repo}@{listing.revision or 'main'}/{file}"
     head, size = _get_range(listing, file, 0, 7)
     n = header_length(head, size, where)
     raw, _ = _get_range(listing, file, 8, 8 + n - 1)
-    return parse_header(raw, n, size, file, where)
+    return parse_entries(raw, n, size, where)

@@ -3,31 +3,29 @@
 safetensors headers are parsed directly (8-byte length + JSON), so planning a merge touches no
 tensor data. PyTorch `.bin` checkpoints are opened only with `torch.load(weights_only=True)`
 (memory-mapped), which refuses pickles that would run code.
+
+A hub id goes through `sources.hub`: `load_model_info` downloads the files a merge reads,
+`load_model_metadata` (validate, --dry-run) only the small files and each safetensors header.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# ST_DTYPES and header_length are re-exported for the modules that still import them from here.
 from mergesmith.dtypes import DTYPE_BYTES, numel
-from mergesmith.dtypes import ST_DTYPES as ST_DTYPES
 from mergesmith.errors import MergeError
-from mergesmith.safetensors_header import header_length as header_length
-from mergesmith.safetensors_header import parse_entries, read_header
+from mergesmith.safetensors_header import read_header
+from mergesmith.sources import hub
+from mergesmith.sources.jsonfile import read_json
 from mergesmith.sources.kinds import LoadOptions, kind_for
 from mergesmith.sources.refs import ModelRef
 
 if TYPE_CHECKING:
     import torch
-
-
-HUB_PATTERNS = ["*.json", "tokenizer.model", "*.safetensors", "*.jinja", "README.md"]
 
 
 @dataclass(frozen=True)
@@ -72,20 +70,6 @@ class ModelInfo:
         return str(self.ref)
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MergeError("file not found", str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MergeError(f"not valid JSON: {err}", str(path)) from None
-
-
-def parse_header(raw: bytes, n: int, size: int | None, file: str, where: str) -> dict[str, TensorMeta]:
-    """Tensor metadata of `file` from its safetensors header (checked: see `safetensors_header`)."""
-    return {name: TensorMeta(e.shape, e.dtype, file) for name, e in parse_entries(raw, n, size, where).items()}
-
-
 def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """Tensor metadata from a safetensors file, checking the header and the file size agree."""
     _, entries = read_header(path)
@@ -99,11 +83,9 @@ def resolve_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
         if not local.is_dir():
             raise MergeError("a model reference must be a directory (or a hub id), not a file", str(local))
         return local
-    from mergesmith.sources.hub import download, looks_local
-
-    if looks_local(ref.path):
+    if hub.looks_local(ref.path):
         raise MergeError("model directory not found", ref.path)
-    return download(ref, cache_dir)  # a hub id: only the files the merge needs
+    return hub.download(ref, cache_dir)  # a hub id: only the files the merge needs
 
 
 def tokenizer_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
@@ -111,11 +93,9 @@ def tokenizer_directory(ref: ModelRef, cache_dir: str | None = None) -> Path:
     local = Path(ref.path).expanduser()
     if local.is_dir():
         return local
-    from mergesmith.sources.hub import looks_local, small_files_snapshot
-
-    if looks_local(ref.path):
+    if hub.looks_local(ref.path):
         raise MergeError("model directory not found", ref.path)
-    return small_files_snapshot(ref, cache_dir)
+    return hub.small_files_snapshot(ref, cache_dir)
 
 
 def _weights_index(directory: Path) -> tuple[str, dict[str, str]]:
@@ -211,3 +191,57 @@ def load_model_info(
     if missing:
         raise MergeError(f"index names tensors that its shards lack: {missing[:3]}", str(directory))
     return ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format=fmt, bin_tensors=bin_tensors)
+
+
+def load_model_metadata(ref: ModelRef, cache_dir: str | None = None) -> ModelInfo:
+    """ModelInfo for any reference, touching no weight bytes of a hub model with safetensors."""
+    if ref.lora is not None or not hub.is_hub_ref(ref):
+        return load_model_info(ref, cache_dir)
+    try:
+        listing = hub.list_repo(ref)
+    except Exception as err:
+        if not hub.unreachable(err):
+            raise hub.hub_error(err, ref) from None
+        return load_model_info(ref, cache_dir)  # the cached snapshot, if there is one
+    try:
+        return _remote_model_info(ref, listing, cache_dir)
+    except Exception as err:
+        raise hub.hub_error(err, ref) from None
+
+
+def _remote_model_info(ref: ModelRef, listing: hub.Listing, cache_dir: str | None) -> ModelInfo:
+    fmt, files = hub.weight_files(listing, cache_dir)
+    if fmt != "safetensors":
+        if fmt == "none" and "adapter_config.json" in listing.files:
+            raise MergeError(f"this is a LoRA adapter, not a model; reference it as 'BASE+{ref}'", str(ref))
+        if fmt == "none":
+            raise MergeError(
+                "no model weights in the hub repository (expected model.safetensors[.index.json] or"
+                " pytorch_model.bin[.index.json])",
+                str(ref),
+            )
+        return load_model_info(ref, cache_dir)  # .bin: no header to read, so it is downloaded
+    config: dict[str, Any] = {}
+    directory = hub.snapshot_dir(listing, cache_dir)
+    if "config.json" in listing.files:
+        path = hub.fetch(listing, "config.json", cache_dir)
+        directory = path.parent
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise MergeError("config.json must be a JSON object", str(path))
+    if ref.override_architecture:
+        config = {**config, "architectures": [ref.override_architecture]}
+    weight_map: dict[str, str] = {}
+    if files[0] == hub.ST_INDEX:
+        weight_map = read_json(hub.fetch(listing, hub.ST_INDEX, cache_dir))["weight_map"]
+        files = files[1:]
+    tensors: dict[str, TensorMeta] = {}
+    for file in files:
+        for name, e in hub.read_remote_header(listing, file).items():
+            if weight_map and weight_map.get(name) not in (None, file):
+                continue
+            tensors[name] = TensorMeta(e.shape, e.dtype, file)
+    missing = [n for n in weight_map if n not in tensors]
+    if missing:
+        raise MergeError(f"index names tensors that its shards lack: {missing[:3]}", str(ref))
+    return ModelInfo(ref=ref, directory=directory, config=config, tensors=tensors, format="safetensors")

@@ -76,3 +76,34 @@ def _size(path: os.PathLike[str]) -> int:
         return os.stat(path).st_size
     except OSError:
         return -1
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, where: str | None = None) -> None:
+    """Fill `view` (bytes) from file descriptor `fd` at `offset`; `where` names the file in errors.
+
+    Reads of input tensors go through here, not through their memory maps: a file truncated by
+    another process mid-merge then gives a short read, reported naming the file, where touching the
+    map past the file's new end would kill the process with SIGBUS."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise InputChangedError(f"cannot read the file ({err.strerror})", where or fd_path(fd)) from None
+        if got <= 0:
+            size = os.fstat(fd).st_size
+            raise InputChangedError(
+                f"the file ended early: it is {size} bytes now, but the merge needs bytes up to"
+                f" {offset + len(view)}; it was truncated or replaced while the merge read it"
+                " (the output is left staged; restore the file and run again)",
+                where or fd_path(fd),
+            )
+        done += got
+
+
+def fd_path(fd: int) -> str:
+    """The file that descriptor `fd` reads, for messages (Linux's /proc; else the number)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"input file descriptor {fd}"

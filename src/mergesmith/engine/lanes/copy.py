@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from mergesmith.dtypes import DTYPE_BYTES
 from mergesmith.engine import chunks
 from mergesmith.engine.buffers import Target, as_bytes
 from mergesmith.engine.context import MergeContext, method_params
@@ -11,7 +12,6 @@ from mergesmith.engine.mapped import Entry
 from mergesmith.engine.sinks import CopyJob
 from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor
-from mergesmith.sources.model import DTYPE_BYTES
 
 
 def is_pure_copy(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None]) -> bool:

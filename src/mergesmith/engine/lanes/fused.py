@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from mergesmith import kernels
+from mergesmith.dtypes import DTYPE_BYTES, numel
 from mergesmith.engine import chunks
-from mergesmith.engine.buffers import Buffers, numel
+from mergesmith.engine.buffers import Buffers
 from mergesmith.engine.context import MergeContext, method_params, reported, split
 from mergesmith.engine.mapped import Entry
 from mergesmith.methods.registry import MergeMethod, get_method
 from mergesmith.plan import OutputTensor
-from mergesmith.sources.model import DTYPE_BYTES
 
 
 def fused_method(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None]) -> MergeMethod | None:

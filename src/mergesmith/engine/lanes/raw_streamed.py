@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from mergesmith import kernels
+from mergesmith.dtypes import DTYPE_BYTES, numel
 from mergesmith.engine import chunks
-from mergesmith.engine.buffers import Buffers, numel
+from mergesmith.engine.buffers import Buffers
 from mergesmith.engine.context import MergeContext
 from mergesmith.engine.mapped import Entry
 from mergesmith.methods.registry import get_method
 from mergesmith.methods.sparsify import sample_blocks
 from mergesmith.plan import OutputTensor
-from mergesmith.sources.model import DTYPE_BYTES
 
 
 def raw_streams(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None]) -> bool:

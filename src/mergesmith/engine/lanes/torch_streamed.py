@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from mergesmith.dtypes import numel
 from mergesmith.engine import chunks
-from mergesmith.engine.buffers import Target, as_bytes, numel
+from mergesmith.engine.buffers import Target, as_bytes
 from mergesmith.engine.context import MergeContext, torch_dtype
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import get_method

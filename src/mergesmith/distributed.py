@@ -4,7 +4,7 @@ The driver lays the shards out as a single-process run does and deals them to ta
 (`engine.schedule`) before anything runs. Each task plans the merge again from metadata (so hub
 ids resolve in the worker's own cache), checks that it sees the same merge as the driver (the
 resume fingerprint: plan, layout, seed, input files), then streams its shards through the same
-path as a local run (`merge.write_weights`: executor, audit, shard writer) into the staging
+path as a local run (`weights.write_weights`: executor, audit, shard writer) into the staging
 directory, which must be on storage every worker can reach. It returns each shard's size and
 CRC-32; the driver checks every file against both before recording it in the resume journal,
 then writes the index, config, tokenizer, card and audit itself. A task whose worker dies is run
@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from mergesmith.engine.schedule import Task, schedule
 from mergesmith.errors import MergeError
-from mergesmith.output.shards import Shard, file_digest
+from mergesmith.output.shards import file_digest
 from mergesmith.plan import OutputTensor, Plan
+from mergesmith.preparation import MergeOptions, prepare_merge
+from mergesmith.reliability.audit import Audit
+from mergesmith.reliability.resume import fingerprint
+from mergesmith.shard_layout import Shard, layout_shards
+from mergesmith.weights import write_weights
 
 if TYPE_CHECKING:
-    from mergesmith.merge import MergeOptions
     from mergesmith.recipe.schema import MergeConfig
-    from mergesmith.reliability.audit import Audit
     from mergesmith.sources.model import ModelInfo
 
 log = logging.getLogger("mergesmith")
@@ -95,10 +98,6 @@ def merge_task(
     config: MergeConfig, options: MergeOptions, files: tuple[str, ...], expected: str, staging: str
 ) -> TaskResult:
     """Runs in a Ray worker: write shards `files` of the merge into `staging`."""
-    from mergesmith.merge import write_weights
-    from mergesmith.preparation import prepare_merge
-    from mergesmith.reliability.audit import Audit
-
     plan, models = prepare_merge(config, options)
     directory = Path(staging)
     seen = open_audit_fingerprint(plan, models, options)
@@ -121,15 +120,11 @@ def merge_task(
 
 
 def _layout(plan: Plan, options: MergeOptions) -> list[Shard]:
-    from mergesmith.output.shards import layout_shards
-
     return layout_shards([(t.name, t.dtype, t.shape) for t in plan.tensors], options.out_shard_size)
 
 
 def open_audit_fingerprint(plan: Plan, models: dict[str, ModelInfo], options: MergeOptions) -> str:
     """The resume fingerprint of this merge, as `open_audit` computes it."""
-    from mergesmith.reliability.resume import fingerprint
-
     return fingerprint(plan, _layout(plan, options), models, options.random_seed or 0, options.device)
 
 
