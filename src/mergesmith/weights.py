@@ -24,14 +24,16 @@ def write_weights(
     plan: Plan,
     models: dict[str, ModelInfo],
     directory: Path,
-    config: MergeConfig,
+    config: MergeConfig | None,
     options: MergeOptions,
     progress: Callable[[OutputTensor], None] | None = None,
     audit: Audit | None = None,
 ) -> list[str]:
     """Stream every planned tensor through its method into the shards; returns the shard names.
 
-    The audit checks each tensor before the writer gets it and skips the shards a resumed run reuses."""
+    The audit checks each tensor before the writer gets it and skips the shards a resumed run reuses.
+    `config`: the recipe (its `dtype` rounds the inputs, its method may need calibration), or None
+    for a plan that no recipe made (`mergesmith moe`)."""
     audit = audit or open_audit(directory, plan, models, options)
     writer = ShardWriter(directory, audit.journal.pending, index=False)  # the journal writes the whole index
     try:
@@ -39,10 +41,10 @@ def write_weights(
         executor = Executor(
             audit.journal.pending_plan(plan),
             sources,
-            dtype=config.dtype,
+            dtype=config.dtype if config is not None else None,
             device=options.device,
             seed=options.random_seed or 0,
-            statistics=merge_statistics(plan, models, config, options),
+            statistics=merge_statistics(plan, models, config, options) if config is not None else None,
         )
         executor.run(audit.wrap(writer), progress)
     except BaseException:
