@@ -1,13 +1,16 @@
 """Quality benchmark: which merge keeps four fine-tunes' skills, on held-out prompts.
 
-    PYTHONPATH=src:benchmarks/quality python benchmarks/quality/run.py [--root DIR] [--evals 60]
+    PYTHONPATH=src:benchmarks/quality python benchmarks/quality/run.py [--root DIR] [--regime shared|distinct]
+        [--evals 60] [--only ties,regmean,search]
 
-Builds everything here, on the CPU, in a few minutes: a tiny Llama pretrained on all four skills'
-prompt format with random answers (it learns the format, not the skills), four full fine-tunes of
-it, each on one skill (skills.py) until it is ~100% on that skill's validation prompts, then every
-method with its default parameters and tuned on the validation prompts (a small grid), plus a
-`mergesmith search` run, all scored on the test prompts. Prints a markdown table: exact match
-per skill, mean and its standard error (binomial per skill, combined).
+Builds everything here, on the CPU, in a few minutes: a tiny Llama pretrained (`shared`: on the
+skills' prompt format with random answers, so it learns the format, not the skills; `distinct`:
+on six general operations in a general format, so it is competent), four full fine-tunes of it,
+each on one skill (skills.py) until it is ~100% on that skill's prompts, then every method with
+its default parameters and tuned on the validation prompts (a small grid), regmean and fisher
+with each fine-tune's own training prompts as calibration data, and two `mergesmith search`
+runs, all scored on the test prompts. Prints a markdown table: token accuracy per skill, the
+mean and its standard error (binomial per skill, combined). docs/quality.md has both regimes' tables.
 """
 
 from __future__ import annotations
