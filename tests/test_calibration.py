@@ -99,6 +99,8 @@ def test_regmean_solves_the_least_squares_merge_and_reuses_its_statistics(zoo: P
 
 
 def test_fisher_weights_each_parameter_by_its_fisher_information(zoo: Path) -> None:
+    """The paper's Fisher: of the model's own next-token distribution, one label drawn per position
+    (generator seeded with the prompt's index), not of the prompt's own tokens."""
     run(zoo, recipe("fisher"), "fi")
     name = "model.layers.0.mlp.down_proj.weight"
     num, den = 0, 0
@@ -106,15 +108,39 @@ def test_fisher_weights_each_parameter_by_its_fisher_information(zoo: Path) -> N
         net, tok = model(zoo / m)
         param = dict(net.named_parameters())[name]
         f = torch.zeros_like(param)
-        for p in PROMPTS[m]:
+        for n, p in enumerate(PROMPTS[m]):
             ids = tok(p, return_tensors="pt").input_ids
-            logp = torch.log_softmax(net(ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None]).sum()
+            logits = net(ids).logits[0]
+            probs = torch.softmax(logits.float(), -1)
+            drawn = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(n))[:, 0]
+            assert not torch.equal(drawn[:-1], ids[0, 1:])  # not the empirical Fisher's labels
+            logp = torch.log_softmax(logits, -1)[torch.arange(len(drawn)), drawn].sum()
             (g,) = torch.autograd.grad(logp, param)
             f += g.square()
         f = (f / len(PROMPTS[m])).clamp_min(1e-6) * weight
         num, den = num + f * param.detach(), den + f
     got = load_state_dict(zoo / "fi")[name].double()
     torch.testing.assert_close(got, num / den, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fisher_estimate_converges_to_the_exact_expectation_over_labels(zoo: Path) -> None:
+    """Drawn labels are a Monte Carlo estimate of E_{y ~ p} (∂ log p(y) / ∂θ)²: over many draws it
+    approaches the exact sum over the vocabulary, computed here by enumeration for a one-token prompt."""
+    from mergesmith.calibration.collect import collect
+
+    net, tok = model(zoo / "ft1")
+    name = "model.layers.1.mlp.down_proj.weight"
+    param = dict(net.named_parameters())[name]
+    ids = tok("two", return_tensors="pt").input_ids
+    assert ids.shape[1] == 1
+    logp = torch.log_softmax(net(ids).logits[0, -1], -1)
+    exact = torch.zeros_like(param)
+    for y in range(len(logp)):
+        (g,) = torch.autograd.grad(logp[y], param, retain_graph=True)
+        exact += logp[y].exp().detach() * g.square()
+    got = collect("fisher", zoo / "ft1", ["two"] * 400, 16)[name].double()
+    assert abs(float(got.sum() / exact.sum()) - 1) < 0.15
+    assert float(torch.nn.functional.cosine_similarity(got.flatten(), exact.flatten(), dim=0)) > 0.9
 
 
 def test_a_data_aware_method_without_data_is_one_error(zoo: Path) -> None:

@@ -28,7 +28,7 @@ from mergesmith.sources.refs import parse_ref
 
 log = logging.getLogger("mergesmith")
 
-VERSION = 1  # of the statistics' definition: part of every cache key
+VERSION = 2  # of the statistics' definition: part of every cache key (2: fisher of the model's own predictions)
 
 
 def default_cache() -> Path:

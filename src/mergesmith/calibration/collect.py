@@ -3,8 +3,9 @@ a data-aware method needs:
 
 - `gram`: for every linear layer, the Gram matrix G = Σ x xᵀ of its inputs over every token
   (RegMean, Jin et al. 2023), in float64 while it accumulates, keyed by the layer's weight name;
-- `fisher`: for every parameter, the diagonal empirical Fisher information F = mean over the samples
-  of (∂ log p(sample) / ∂θ)² (Fisher merging, Matena & Raffel 2022), keyed by the parameter's name.
+- `fisher`: for every parameter, the diagonal Fisher information of the model's predictive
+  distribution, F = mean over the samples of (∂ log p(ŷ | sample) / ∂θ)², ŷ drawn from the model
+  (Fisher merging, Matena & Raffel 2022), keyed by the parameter's name.
 
 Each prompt is run alone (batch of one, no padding), truncated to `max_length` tokens. The model is
 loaded in float32 on `device`, used, and released: one model is resident at a time.
@@ -77,19 +78,25 @@ def _grams(model, tokenizer, texts: list[str], max_length: int, device: str) -> 
 
 
 def _fisher(model, tokenizer, texts: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
+    """Matena & Raffel's Fisher is that of the model's own predictive distribution,
+    E_x E_{y ~ p(y|x)} (∂ log p(y|x) / ∂θ)², not the empirical Fisher of the data's tokens: a
+    fine-tune that fits its data has near-zero gradients on it, and prompt-only data would measure
+    how well the model predicts the prompt. At every position of a prompt one label is drawn from
+    the model's next-token distribution (generator seeded with the prompt's index, so statistics
+    are reproducible); the sample's gradient is that of the drawn labels' summed log-likelihood,
+    whose square is, in expectation, the sum of the positions' Fishers."""
     model.eval()  # no dropout: the statistics are those of the model as it runs
     params = dict(model.named_parameters())
     sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    counted = 0
-    for text in texts:
+    for n, text in enumerate(texts):
         ids = _ids(tokenizer, text, max_length, device)
-        if ids.shape[1] < 2:
-            continue  # one token predicts nothing
         model.zero_grad(set_to_none=True)
-        (model(ids, labels=ids).loss * (ids.shape[1] - 1)).backward()  # the sample's log-likelihood, summed
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        gen = torch.Generator(device=logp.device).manual_seed(n)
+        drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+        logp.gather(1, drawn).sum().backward()
         for name, p in params.items():
             if p.grad is not None:
                 sums[name].add_(p.grad.double().square())
-        counted += 1
     model.zero_grad(set_to_none=True)
-    return {k: (v / max(counted, 1)).float().cpu() for k, v in sums.items()}
+    return {k: (v / max(len(texts), 1)).float().cpu() for k, v in sums.items()}

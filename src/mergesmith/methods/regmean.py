@@ -65,7 +65,8 @@ def fisher(
     xs: list[torch.Tensor], base: torch.Tensor | None, *, stats: list, weight: PerModel = 1.0, floor: float = 1e-6
 ) -> torch.Tensor:
     """θ = Σ w_i F̃_i θ_i / Σ w_i F̃_i, F̃_i = max(F_i, floor) elementwise, F_i model i's diagonal
-    Fisher (mean over its calibration samples of the squared gradient of the sample's log-likelihood).
+    Fisher (mean over its calibration samples of the squared gradient of the log-likelihood of labels
+    drawn from the model itself, calibration/collect.py).
     A tensor without statistics: the weighted mean Σ w_i θ_i / Σ w_i. A base model changes nothing."""
     if any(s is None or tuple(s.shape) != tuple(xs[0].shape) for s in stats):
         return _mean(xs, weight)
