@@ -43,7 +43,6 @@ CASES = [
     ("ray", ["search", "genome.yml", "--storage-path", "s3", "--workers", "2"], "search-ray", "--workers > 1"),
     ("lm_eval", ["eval", "{base}", "-t", "hellaswag"], "eval", "--task: an lm-eval task"),
     ("matplotlib", ["eval", "{base}", "-t", "qa.jsonl", "--plot", "p.png"], "eval", "--plot: mergesmith eval --plot"),
-    ("peft", ["eval", "{base}+adapter", "-t", "qa.jsonl"], "eval", "a base+adapter reference"),
 ]
 
 
