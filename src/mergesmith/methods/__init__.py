@@ -8,6 +8,7 @@ from mergesmith.methods import (  # noqa: F401
     karcher,
     linear,
     model_stock,
+    moe_experts,
     multislerp,
     nearswap,
     nuslerp,
