@@ -26,8 +26,6 @@ KNOWN = {
     ("mergesmith.methods.registry", "mergesmith.methods"),
     # item 1 (one preparation): distributed tasks call merge.prepare/write_weights, merge calls them
     ("mergesmith.engine.distributed", "mergesmith.merge"),
-    # item 3 (MoE builds as a plan): the config resolves its inputs through build
-    ("mergesmith.moe.config", "mergesmith.moe.build"),
     ("mergesmith.sources.model", "mergesmith.sources.hub"),
     # item 2 (sinks): the shard writer borrows the engine's pread
     ("mergesmith.output.shards", "mergesmith.engine.mapped"),
