@@ -272,3 +272,34 @@ def test_recipes_cannot_name_the_internal_method(small, tmp_path):
     assert result.exit_code == 2 and "'moe_experts' is internal to mergesmith" in result.output
     listing = run_cli("methods")
     assert listing.exit_code == 0 and "moe_experts" not in listing.output
+
+
+def test_the_prepared_plan_names_each_output_tensors_inputs(small):
+    """prepare_merge of an MoE config: a PreparedMerge like a recipe's, its gate rows one more model."""
+    from mergesmith.moe import MoEConfig
+    from mergesmith.moe.prepare import GATES
+    from mergesmith.preparation import MergeOptions, prepare_merge
+
+    g, base, ft = str(small["granite"]), str(small["base"]), str(small["ft"])
+    config = MoEConfig.model_validate(
+        {
+            "base_model": base,
+            "gate_mode": "random",
+            "experts": [{"source_model": ft, "noise_scale": 0.1}, {"source_model": base}],
+        }
+    )
+    plan, models = prepare_merge(config, MergeOptions())
+    assert set(models) == {base, ft, GATES} and models[GATES].digest is not None
+    by = {t.name: t for t in plan.tensors}
+    noisy = by["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    assert noisy.method == "moe_experts" and noisy.per_model["noise_scale"] == (0.1,)
+    assert [(x.model, x.name) for x in noisy.inputs] == [(ft, "model.layers.0.mlp.gate_proj.weight")]
+    plain = by["model.layers.0.block_sparse_moe.experts.1.w2.weight"]
+    assert plain.method == "passthrough" and plain.inputs[0].model == base
+    router = by["model.layers.1.block_sparse_moe.gate.weight"]
+    assert router.method == "passthrough" and router.inputs[0].model == GATES and router.shape == (2, 32)
+    config = MoEConfig.model_validate({"base_model": g, "gate_mode": "random", "experts": [{"source_model": g}] * 2})
+    plan, _ = prepare_merge(config, MergeOptions(allow_identical_experts=True))
+    fused = next(t for t in plan.tensors if t.name == "model.layers.1.block_sparse_moe.input_linear.weight")
+    names = [x.name.split(".")[-2] for x in fused.inputs]
+    assert fused.method == "moe_experts" and fused.params == {"dim": 0} and names == ["gate_proj", "up_proj"] * 2
