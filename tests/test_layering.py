@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(mergesmith.__file__).resolve().parents[1]
 
 # Import edges that close a cycle today, each removed by the named item of #18 (importer -> imported).
-KNOWN = {
-    # item 3 (MoE builds as a plan): the config resolves its inputs through build
-    ("mergesmith.moe.config", "mergesmith.moe.build"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def cycles(graph: grimp.ImportGraph, skip: set[tuple[str, str]]) -> list[list[str]]:

@@ -16,8 +16,8 @@ from mergesmith.output.staging import StagedOutput
 from mergesmith.plan import OutputTensor, Plan, referenced_models
 from mergesmith.preparation import MergeOptions, prepare_merge
 from mergesmith.recipe.schema import MergeConfig
-from mergesmith.reliability.audit import finish_report, merge_fingerprint, open_audit
-from mergesmith.reliability.resume import finished_problem, record_finished
+from mergesmith.reliability.audit import Audit, finish_report, merge_fingerprint, open_audit
+from mergesmith.reliability.resume import RECIPE_COPY, finished_problem, record_finished
 from mergesmith.sources.model import ModelInfo
 from mergesmith.sources.refs import parse_ref
 from mergesmith.tokenizer import save_vocabulary
@@ -120,15 +120,47 @@ def run_merge(
         on_plan(plan)
     if not options.safe_serialization:
         log.warning("--no-safe-serialization: writing safetensors anyway (pickled .bin output is unsafe to share)")
+    write = write_weights
+    if distributed:
+        from mergesmith.distributed import write_weights_distributed as write
+    files, notes = write_output(
+        staged,
+        plan,
+        models,
+        options,
+        lambda directory, audit: write(plan, models, directory, config, options, progress, audit),
+        lambda directory: write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options),
+    )
+    return MergeSummary(
+        out=staged.out,
+        files=files,
+        seconds=time.perf_counter() - start,
+        bytes_read=plan.bytes_read,
+        bytes_written=plan.bytes_written,
+        peak_rss=peak_rss_bytes(),
+        warnings=plan.warnings,
+        notes=notes,
+    )
+
+
+def write_output(
+    staged: StagedOutput,
+    plan: Plan,
+    models: dict[str, ModelInfo],
+    options: MergeOptions,
+    weights: Callable[[Path, Audit], list[str]],
+    side_files: Callable[[Path], None],
+) -> tuple[list[str], list[str]]:
+    """A command's output into its staging directory, then moved into place: the weights (through the
+    audit, journaled for --resume), its side files, the audit report. On failure the finished shards
+    are kept for --resume where that helps, else the staging directory goes. Returns (shard files,
+    the audit's notes)."""
     directory = staged.begin(keep=options.resume)
     audit = None
     try:
         audit = open_audit(directory, plan, models, options)
-        write = write_weights
-        if distributed:
-            from mergesmith.distributed import write_weights_distributed as write
-        files = write(plan, models, directory, config, options, progress, audit)
-        write_side_files(directory, Path(out).name, plan, models, config, recipe_text, options)
+        files = weights(directory, audit)
+        side_files(directory)
         notes = finish_report(directory, plan, models, audit, options.random_seed or 0)
         record_finished(directory, merge_fingerprint(plan, models, options, mtimes=False)[1], audit.journal)
         audit.journal.remove()
@@ -148,27 +180,24 @@ def run_merge(
         else:
             staged.discard()
         raise
-    return MergeSummary(
-        out=staged.out,
-        files=files,
-        seconds=time.perf_counter() - start,
-        bytes_read=plan.bytes_read,
-        bytes_written=plan.bytes_written,
-        peak_rss=peak_rss_bytes(),
-        warnings=plan.warnings,
-        notes=notes,
-    )
+    return files, notes
 
 
 def already_complete(
-    out: Path, plan: Plan, models: dict[str, ModelInfo], recipe_text: str, options: MergeOptions, start: float
+    out: Path,
+    plan: Plan,
+    models: dict[str, ModelInfo],
+    recipe_text: str,
+    options: MergeOptions,
+    start: float,
+    recipe_copy: str = RECIPE_COPY,
 ) -> MergeSummary:
     """`--resume` on a non-empty OUT: succeed, writing nothing, when OUT is already this merge, whole.
 
     A rerun of a script, or a kill that came after the staging directory moved into place, must not
     fail (nor redo hours of work); anything else in OUT is refused as without --resume."""
     shards, print_ = merge_fingerprint(plan, models, options, mtimes=False)
-    problem = finished_problem(out, shards, print_, recipe_text)
+    problem = finished_problem(out, shards, print_, recipe_text, recipe_copy)
     if problem is not None:
         raise MergeError(
             f"--resume: the output directory is not this merge, complete ({problem}); pass --overwrite to replace it",

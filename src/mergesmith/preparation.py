@@ -5,8 +5,9 @@ in-memory merges cannot drift apart on vocabulary alignment or LoRA inputs)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mergesmith.calibration import Statistics, calibrate
 from mergesmith.lora import inputs as _lora_inputs  # noqa: F401  (registers base+adapter references)
@@ -39,6 +40,7 @@ class MergeOptions:
     strict: bool = False  # a key or parameter mergekit would ignore is an error, not a warning
     workers: int = 0  # > 0: split the merge into this many Ray tasks (distributed.py)
     ray_address: str | None = None  # a running Ray cluster to use (else --workers starts a local one)
+    allow_identical_experts: bool = False  # moe: every expert may be one model (upcycling, to train after)
 
 
 class PreparedMerge(NamedTuple):
@@ -77,9 +79,23 @@ def load_models(config: MergeConfig, options: MergeOptions) -> dict[str, ModelIn
     }
 
 
-def prepare_merge(config: MergeConfig, options: MergeOptions) -> PreparedMerge:
+#: How to prepare a merge described by another kind of config than a recipe (`mergesmith moe`'s), by
+#: the config's type: the package owning that config registers it when imported, so that this module
+#: imports no command (they import it).
+PREPARATIONS: dict[type, Callable[[Any, MergeOptions], PreparedMerge]] = {}
+
+
+def register_preparation(config_type: type, prepare: Callable[[Any, MergeOptions], PreparedMerge]) -> None:
+    PREPARATIONS[config_type] = prepare
+
+
+def prepare_merge(config: MergeConfig | Any, options: MergeOptions) -> PreparedMerge:
     """Metadata only: resolve every model, align the vocabularies and build the plan (what `--dry-run`
-    shows); no tensor is read until `PreparedMerge.sources()`."""
+    shows); no tensor is read until `PreparedMerge.sources()`. A config of a registered kind is
+    prepared by its own preparation (MoE's also computes its gate rows, a model of the merge)."""
+    other = PREPARATIONS.get(type(config))
+    if other is not None:
+        return other(config, options)
     get_method(config.merge_method)  # an unknown method fails before any model is touched
     report_ignored(config, options.strict)
     models = load_models(config, options)

@@ -43,6 +43,18 @@ class TensorRNG:
         out = torch.from_numpy(values).view(tuple(shape))
         return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
 
+    def normal(
+        self, shape: torch.Size | tuple[int, ...], stream: int, device: torch.device | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """Float32 standard normal draws for `shape`, value p (from `start` on) made by Box-Muller from
+        the uniform draws 2p and 2p + 1: sqrt(-2 ln(1 - u)) * cos(2 pi v). Value p depends on p only, so
+        a tensor drawn in parts (at offsets) gets the same values as drawn whole."""
+        n = numel(shape)
+        u = torch.from_numpy(kernels.uniform(self.stream_key(stream), 2 * start, 2 * n)).view(n, 2)
+        out = torch.sqrt(torch.log1p(-u[:, 0]).mul_(-2.0)).mul_(torch.cos(u[:, 1].mul(2 * math.pi)))
+        out = out.view(tuple(shape))
+        return out if device is None or device.type == "cpu" else out.to(device, non_blocking=True)
+
     @staticmethod
     def word_cut(p: float) -> int:
         """`uniform < p` as an integer test on the raw words u, u < the bound returned: uniform is

@@ -6,6 +6,7 @@ from mergesmith.methods import (  # noqa: F401
     karcher,
     linear,
     model_stock,
+    moe_experts,
     multislerp,
     nearswap,
     nuslerp,

@@ -30,7 +30,13 @@ never names a method or a parameter):
 - `observes`: what the method needs of the whole tensor before it merges a chunk, a factory of an
   `Observation` (`methods.stream.Observes`) from its arguments, RNG and count of inputs; the engine
   feeds it every chunk and passes it finished as `stream.seen` (observe-then-apply). Any other
-  method gets whole tensors.
+  method gets whole tensors;
+- `joins`: its inputs are consecutive blocks of the output (joined along an axis), not aligned
+  with it, so the engine gives it whole inputs and never fits their shapes to the output's.
+
+A method declared `internal` is planned by a command (`mergesmith moe`), never named by a recipe:
+it lives in `INTERNAL`, not in the catalogue `METHODS` that recipes, `mergesmith methods` and
+the search read, and recipes naming it are refused.
 
 The engine does loading, slicing, dtype, device and memory; a method only does the maths.
 """
@@ -111,6 +117,8 @@ class MergeMethod:
     elementwise_when: Callable[[Params], bool] | None = field(default=None, repr=False)
     identity_when: Callable[[Params], bool] | None = field(default=None, repr=False)
     whole_when: Callable[[Params], str | None] | None = field(default=None, repr=False)
+    joins: bool = False
+    internal: bool = False
 
     @property
     def streams(self) -> bool:
@@ -183,7 +191,8 @@ class MergeMethod:
         return {self.params[k].arg: v for k, v in params.items() if k in self.params}
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS: dict[str, MergeMethod] = {}  # the catalogue: what recipes may name
+INTERNAL: dict[str, MergeMethod] = {}  # planned by commands only (see the module docstring)
 
 
 def merge_method(
@@ -201,6 +210,8 @@ def merge_method(
     whole_when: Callable[[Params], str | None] | None = None,
     storage_only: dict[str, str] | None = None,
     observes: Observes | None = None,
+    joins: bool = False,
+    internal: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `fn` as merge method `name`; its keyword-only parameters are the recipe's, the
     other keywords its shape (module docstring)."""
@@ -248,12 +259,14 @@ def merge_method(
             identity_when=identity,
             whole_when=whole_when,
             storage_only=dict(storage_only or {}),
+            joins=joins,
+            internal=internal,
         )
         if undeclared := set(method.storage_only) - set(params):
             raise TypeError(f"{fn.__name__}: storage_only names undeclared parameters {sorted(undeclared)}")
-        if name in METHODS:
+        if name in METHODS or name in INTERNAL:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = method
+        (INTERNAL if internal else METHODS)[name] = method
         return fn
 
     return register
@@ -284,7 +297,7 @@ def get_method(name: str, where: str = "merge_method") -> MergeMethod:
     importing `mergesmith.methods.registry` runs the package's `__init__` first, which imports
     (registers) every method."""
     try:
-        return METHODS[name]
+        return METHODS[name] if name in METHODS else INTERNAL[name]
     except KeyError:
         raise MergeError(
             f"unknown merge method '{name}'{did_you_mean(name, METHODS)} (known: {', '.join(sorted(METHODS))})",

@@ -30,6 +30,8 @@ from mergesmith.errors import MergeError
 @click.option("--load-in-4bit", is_flag=True, hidden=True)
 @click.option("--load-in-8bit", is_flag=True, hidden=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_PATH.")
+@click.option("--resume", is_flag=True, help="Reuse the finished shards of an interrupted build of the same MoE.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in output tensors instead of failing.")
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
@@ -69,6 +71,11 @@ def moe(config_file: str, out_path: str, **opts: Any) -> None:
         overwrite=opts["overwrite"],
         transformers_cache=opts["transformers_cache"],
         trust_remote_code=opts["trust_remote_code"],
+        resume=opts["resume"],
+        allow_nonfinite=opts["allow_nonfinite"],
+        allow_identical_experts=opts["allow_identical"],
     )
-    summary = run_moe(config, text, out_path, options, allow_identical=opts["allow_identical"])
+    summary = run_moe(config, text, out_path, options)
     click.echo(summary.line())
+    for note in summary.notes:
+        click.echo(note)

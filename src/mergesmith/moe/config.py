@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from mergesmith.errors import MergeError, did_you_mean
-from mergesmith.recipe.leniency import Ignored, enforce, unknown_keys
+from mergesmith.recipe.leniency import Ignored, unknown_keys
 from mergesmith.recipe.schema import (
     DTYPE_ALIASES,
     DTYPES,
@@ -108,21 +108,3 @@ def moe_ignored(path: str | Path) -> list[Ignored]:
     except MergeError:
         return []
     return list(unknown_keys(config))
-
-
-def validate_moe_config(path: str | Path, strict: bool = False) -> list[MergeError]:
-    """Every problem with an MoE config, without reading tensors: schema errors, then the output
-    family (which reads only config.json and safetensors headers of the models). Empty when valid.
-    With `strict`, keys mergekit-moe would ignore are problems too."""
-    try:
-        config, _ = load_moe_config(path)
-        enforce(unknown_keys(config), strict, str(path))
-    except MergeError as err:
-        return [err]
-    from mergesmith.moe.build import resolve_inputs
-
-    try:
-        resolve_inputs(config)
-    except MergeError as err:
-        return [err]
-    return []

@@ -141,7 +141,6 @@ class Read:
     name: str
     noise_scale: float | None = None
     residual_scale: float | None = None
-    stream: str = ""  # names the noise draw: output tensor + expert
 
 
 @dataclass(frozen=True)
@@ -184,10 +183,10 @@ class ExpertInput:
     residual_scale: float | None
 
 
-def _expert_read(e: ExpertInput, index: int, layer: int, proj: str, out: str) -> Read:
+def _expert_read(e: ExpertInput, layer: int, proj: str) -> Read:
     name = f"model.layers.{layer}.mlp.{proj}.weight"
     scale = e.residual_scale if proj == "down_proj" else None
-    return Read(e.key, name, e.noise_scale, scale, f"{out}#{index}")
+    return Read(e.key, name, e.noise_scale, scale)
 
 
 def layout(
@@ -229,21 +228,20 @@ def layout(
             for i, e in enumerate(experts):
                 for proj, w, shp in (("gate_proj", "w1", gate), ("down_proj", "w2", down), ("up_proj", "w3", up)):
                     tname = f"{moe}.experts.{i}.{w}.weight"
-                    add(tname, shp, _expert_read(e, i, layer, proj, tname))
+                    add(tname, shp, _expert_read(e, layer, proj))
             add(f"{moe}.gate.weight", (n, hidden), Router(layer))
         elif family.model_type == "granitemoe":
             moe = f"{prefix}.block_sparse_moe"
             tname = f"{moe}.input_linear.weight"
             parts = tuple(
-                Cat((_expert_read(e, i, layer, "gate_proj", tname), _expert_read(e, i, layer, "up_proj", tname)), 0)
-                for i, e in enumerate(experts)
+                Cat((_expert_read(e, layer, "gate_proj"), _expert_read(e, layer, "up_proj")), 0) for e in experts
             )
             add(tname, (n, 2 * gate[0], gate[1]), Stack(parts))
             tname = f"{moe}.output_linear.weight"
             add(
                 tname,
                 (n, *down),
-                Stack(tuple(_expert_read(e, i, layer, "down_proj", tname) for i, e in enumerate(experts))),
+                Stack(tuple(_expert_read(e, layer, "down_proj") for e in experts)),
             )
             add(f"{moe}.router.layer.weight", (n, hidden), Router(layer))
         else:
@@ -251,13 +249,13 @@ def layout(
             for i, e in enumerate(experts):
                 for proj, shp in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                     tname = f"{moe}.experts.{i}.{proj}.weight"
-                    add(tname, shp, _expert_read(e, i, layer, proj, tname))
+                    add(tname, shp, _expert_read(e, layer, proj))
             add(f"{moe}.gate.weight", (n, hidden), Router(layer))
             if shared:
                 s = len(shared)
                 for proj, shp, dim in (("gate_proj", gate, 0), ("up_proj", up, 0), ("down_proj", down, 1)):
                     tname = f"{moe}.shared_expert.{proj}.weight"
-                    reads = tuple(_expert_read(e, i, layer, proj, tname) for i, e in enumerate(shared))
+                    reads = tuple(_expert_read(e, layer, proj) for e in shared)
                     full = (shp[0] * s, shp[1]) if dim == 0 else (shp[0], shp[1] * s)
                     add(tname, full, reads[0] if s == 1 else Cat(reads, dim))
                 add(f"{moe}.shared_expert_gate.weight", (1, hidden), Router(layer, shared=True))

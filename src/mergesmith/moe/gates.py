@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+from mergesmith.lazy_torch import torch
 
 EPS = 1e-8
 CONDITION_LIMIT = 5.0

@@ -27,7 +27,6 @@ from mergesmith.engine.sinks import ChunkJob, CopyJob
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.shard_layout import Shard, TensorSlot
-from mergesmith.shard_layout import layout_shards as layout_shards  # for moe/build.py until its rewrite lands
 from mergesmith.sources.reader import pread_exact
 
 PARTIAL = ".partial"

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesmith.dtypes import DTYPE_ALIASES
 from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.methods.registry import INTERNAL
 
 DTYPES = {"bfloat16", "float16", "float32", "float64", "int64"}
 
@@ -115,6 +116,13 @@ class MergeConfig(RecipeModel):
         if name not in DTYPES:
             raise ValueError(f"unknown dtype '{v}'{did_you_mean(name, DTYPES)} (known: {', '.join(sorted(DTYPES))})")
         return name
+
+    @field_validator("merge_method")
+    @classmethod
+    def _public_method(cls, v: str) -> str:
+        if v in INTERNAL:  # its plans come from a command (`mergesmith moe`), which knows its inputs' layout
+            raise ValueError(f"'{v}' is internal to mergesmith (its commands plan it); see `mergesmith methods`")
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:

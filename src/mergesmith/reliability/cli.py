@@ -89,7 +89,8 @@ def is_moe_config(config_file: str) -> bool:
 
 
 def report_moe_validation(config_file: str, strict: bool = False) -> int:
-    from mergesmith.moe.config import moe_ignored, validate_moe_config
+    from mergesmith.moe.config import moe_ignored
+    from mergesmith.moe.prepare import validate_moe_config
 
     problems = validate_moe_config(config_file, strict)
     if not strict:

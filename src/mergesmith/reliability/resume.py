@@ -45,6 +45,9 @@ def fingerprint(
     h.update(f"seed={seed};{extra}".encode())
     for key in sorted(models):
         info = models[key]
+        if info.digest is not None:  # tensors made in memory (MoE's gate rows): their bytes decide
+            h.update(f"{key}|{info.digest}".encode())
+            continue
         for file in sorted({m.file for m in info.tensors.values()}):
             st = (info.directory / file).stat()
             when = st.st_mtime_ns if mtimes else ""
@@ -153,8 +156,11 @@ def record_finished(directory: Path, fingerprint: str, journal: ShardJournal) ->
     update_report(directory, "resume", {"fingerprint": fingerprint, "shards": dict(sorted(journal.done.items()))})
 
 
-def finished_problem(out: Path, shards: list[Shard], fingerprint: str, recipe_text: str) -> str | None:
-    """None when `out` holds this merge, complete and unchanged; else why it does not."""
+def finished_problem(
+    out: Path, shards: list[Shard], fingerprint: str, recipe_text: str, recipe_copy: str = RECIPE_COPY
+) -> str | None:
+    """None when `out` holds this merge, complete and unchanged (its copy of the recipe, named
+    `recipe_copy`, included); else why it does not."""
     try:
         record = json.loads((out / REPORT).read_text())["resume"]
         recorded, shard_digests = record["fingerprint"], dict(record["shards"])
@@ -163,10 +169,10 @@ def finished_problem(out: Path, shards: list[Shard], fingerprint: str, recipe_te
     if recorded != fingerprint:
         return "it holds a different merge (the recipe's plan, the options or the input files changed)"
     try:
-        if (out / RECIPE_COPY).read_text() != recipe_text:
-            return f"its {RECIPE_COPY} differs from this recipe"
+        if (out / recipe_copy).read_text() != recipe_text:
+            return f"its {recipe_copy} differs from this recipe"
     except OSError:
-        return f"its {RECIPE_COPY} is missing"
+        return f"its {recipe_copy} is missing"
     if not (out / "config.json").is_file():
         return "its config.json is missing"
     for shard in shards:

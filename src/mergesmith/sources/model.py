@@ -49,7 +49,7 @@ class ModelInfo:
     directory: Path
     config: dict[str, Any]
     tensors: dict[str, TensorMeta]
-    format: str  # "safetensors" or "bin"
+    format: str  # "safetensors" or "bin" ("memory": `sources.memory`)
     #: A `.bin` checkpoint's tensors: torch.load reads the whole file (memory-mapped), so they are kept
     #: from the metadata read rather than loaded again per tensor.
     bin_tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -64,6 +64,9 @@ class ModelInfo:
     layer_index: dict[tuple[str, int], list[tuple[tuple[str, str], str]]] | None = field(
         default=None, repr=False, compare=False
     )
+    #: For a model whose tensors live in memory (`sources.memory`, no files): a digest of their bytes,
+    #: which the resume fingerprint counts instead of the files' sizes and mtimes.
+    digest: str | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def name(self) -> str:

@@ -28,14 +28,16 @@ def chunked_parts(ctx: MergeContext, t: OutputTensor, raw: list[torch.Tensor], t
 
 
 def row_parts(ctx: MergeContext, t: OutputTensor, raw: list[torch.Tensor], target: Target, step: int) -> Iterator:
-    """`t`'s method on `step` rows of the inputs `raw` at a time, on the workers, in order."""
+    """`t`'s method on `step` rows of the inputs `raw` at a time, on the workers, in order; all rows at
+    once: the whole inputs (whatever their shapes: a method that `joins` them)."""
     rows = t.shape[0] if t.shape else 1
+    whole = step >= rows or not t.shape
     item = torch.empty((), dtype=torch_dtype(t.dtype)).element_size()
     per_row_bytes = numel(t.shape[1:]) * item if t.shape else item
 
     def merge(r0: int) -> tuple[int, torch.Tensor, object]:
         r1 = min(rows, r0 + step)
-        result = ctx.apply(t, [ctx.load(i, r[r0:r1] if t.shape else r) for i, r in enumerate(raw)])
+        result = ctx.apply(t, [ctx.load(i, r if whole else r[r0:r1]) for i, r in enumerate(raw)])
         dest, token = target(tuple(result.shape))
         dest.copy_(result)
         ctx.checked(t, as_bytes(dest))

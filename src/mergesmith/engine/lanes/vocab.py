@@ -9,11 +9,13 @@ from mergesmith.engine.buffers import Target
 from mergesmith.engine.context import MergeContext, torch_dtype
 from mergesmith.engine.lanes.torch_chunked import row_parts
 from mergesmith.lazy_torch import torch
+from mergesmith.methods.registry import get_method
 from mergesmith.plan import OutputTensor
 
 
 def mismatched(t: OutputTensor, raw: list[torch.Tensor]) -> bool:
-    return any(tuple(r.shape) != t.shape for r in raw)
+    """Inputs of other shapes than the output's, unless the method joins them into it (`joins`)."""
+    return any(tuple(r.shape) != t.shape for r in raw) and not get_method(t.method).joins
 
 
 def fit_shape(x: torch.Tensor, shape: tuple[int, ...], filler: torch.Tensor | None) -> torch.Tensor:
