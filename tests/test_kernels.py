@@ -211,6 +211,39 @@ def test_fused_linear_equals_the_torch_operations(dtype, via, out, n, divisor):
     assert torch.allclose(result.double(), exact, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize(("dtype", "via", "out"), [("bfloat16", None, "bfloat16"), ("float32", "bfloat16", "float32")])
+@pytest.mark.parametrize("n", [5, 37, 4099])
+@pytest.mark.parametrize("t", [0.0013, 0.5])
+def test_fused_nearswap_equals_the_torch_operations(dtype, via, out, n, t):
+    """One pass over raw values gives torch's float32 result bit for bit (a true reciprocal, the
+    product by t in float32, addcmul's FMA), NaN and infinite inputs included."""
+    if not {dtype, out} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(getattr(torch, dtype))
+    x = (base.float() + torch.randn(n, generator=g) * torch.rand(n, generator=g) * 0.05).to(getattr(torch, dtype))
+    x[0] = base[0]  # |d| = 0: the 1e-6 floor
+    if n > 3:
+        x[1], x[2] = float("nan"), float("inf")
+    b32, x32 = ((v.to(getattr(torch, via)) if via else v).float().clone() for v in (base, x))
+    delta = x32.sub_(b32)
+    omega = delta.abs().clamp_min_(1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+    expected = b32.clone().addcmul_(delta, omega).to(getattr(torch, out))
+    result = torch.empty(n, dtype=getattr(torch, out))
+    raw = [kernels.Raw(v.view(torch.uint8).numpy(), dtype, via) for v in (x, base)]
+    kernels.nearswap(kernels.Raw(result.view(torch.uint8).numpy(), out), raw[0], raw[1], t)
+    nan = expected.isnan()  # the same places; the NaN's bit pattern is the kernels' quiet NaN (see ms_to_bf16)
+    assert torch.equal(result.isnan(), nan)
+    assert torch.equal(result[~nan].view(torch.uint8), expected[~nan].view(torch.uint8))
+    b64, x64 = ((v.to(getattr(torch, via)) if via else v).double() for v in (base, x))
+    d = x64 - b64
+    w = (t / d.abs().clamp_min(1e-6)).clamp(0, 1)
+    exact = b64 + w * d  # the formula, in float64
+    finite = torch.isfinite(exact)
+    assert torch.allclose(result.double()[finite], exact[finite], rtol=1e-2, atol=1e-2)
+    assert n <= 3 or bool(result[1:3].isnan().all())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_nonfinite_counts_nan_and_inf(dtype, monkeypatch):
     x = torch.randn(10_001, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))

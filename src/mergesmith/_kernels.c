@@ -294,6 +294,29 @@ MS_CLONES void ms_linear(void *out, int32_t out_kind, const void *const *x, cons
     }
 }
 
+/* nearswap fused over raw values: d = x - b, omega = clamp(t / max(|d|, 1e-6), 0, 1), out = b + d omega,
+ * in float32 with torch's operations for `methods.nearswap` (a true reciprocal, then the product by t,
+ * then addcmul's FMA), so the result is the same bit for bit; NaN stays NaN as in torch's clamps. */
+MS_CLONES void ms_nearswap(void *out, int32_t out_kind, const void *x, int32_t x_kind, int32_t x_via, const void *b,
+                           int32_t b_kind, int32_t b_via, float t, float floor, int64_t n) {
+    float base[MS_BLOCK], v[MS_BLOCK];
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, b_kind, b_via, i0, len, base);
+        ms_load(x, x_kind, x_via, i0, len, v);
+        for (int64_t k = 0; k < len; k++) {
+            float d = v[k] - base[k];
+            float a = fabsf(d);
+            a = a < floor ? floor : a;
+            float w = (1.0f / a) * t;
+            w = w < 0.0f ? 0.0f : w;
+            w = w > 1.0f ? 1.0f : w;
+            v[k] = fmaf(d, w, base[k]);
+        }
+        ms_store(out, out_kind, i0, len, v);
+    }
+}
+
 /* The task-vector family over raw values (`methods.task_vectors`): the deltas d = x - b of each input
  * are formed block by block from the files' values (rounded through the recipe dtype, as float32) and
  * never stored. Observing passes feed the pruners (the magnitudes' bracket of TIES' top-k threshold;

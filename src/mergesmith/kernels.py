@@ -55,6 +55,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_bracket.restype = i64
     lib.ms_linear.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, ctypes.c_float, i64]
     lib.ms_linear.restype = None
+    lib.ms_nearswap.argtypes = [ptr, i32, ptr, i32, i32, ptr, i32, i32, ctypes.c_float, ctypes.c_float, i64]
+    lib.ms_nearswap.restype = None
     lib.ms_nonfinite.argtypes = [ptr, i32, i64]
     lib.ms_nonfinite.restype = i64
     lib.ms_has_f16.restype = i32
@@ -328,6 +330,15 @@ def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None)
     _LIB.ms_linear(
         out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, w.ctypes.data, int(norm), divisor or 1.0, n
     )
+
+
+def nearswap(out: Raw, x: Raw, base: Raw, t: float) -> None:
+    """out = b + d clamp(t / max(|d|, 1e-6), 0, 1) with d = x - b, in float32 with the operations of
+    `methods.nearswap` in torch, bit for bit. Needs the compiled library and dtypes among `raw_kinds()`."""
+    assert _LIB is not None and {out.dtype, x.dtype, base.dtype, *(r.via for r in (x, base) if r.via)} <= raw_kinds()
+    assert x.count == base.count == out.count
+    (xp, xk, xv), (bp, bk, bv) = _raw_args(x), _raw_args(base)
+    _LIB.ms_nearswap(out.data.ctypes.data, KINDS[out.dtype], xp, xk, xv, bp, bk, bv, t, 1e-6, out.count)
 
 
 def nonfinite(data: np.ndarray | memoryview | torch.Tensor, dtype: str | None = None) -> int:
