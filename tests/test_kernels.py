@@ -244,6 +244,44 @@ def test_fused_nearswap_equals_the_torch_operations(dtype, via, out, n, t):
     assert n <= 3 or bool(result[1:3].isnan().all())
 
 
+@pytest.mark.parametrize(("dtype", "via", "out"), [("bfloat16", None, "bfloat16"), ("float32", "bfloat16", "float32")])
+@pytest.mark.parametrize("n", [5, 37, 4099])
+@pytest.mark.parametrize("m", [1, 3])
+def test_ramplus_kernels_equal_the_torch_operations(dtype, via, out, n, m):
+    """ram's overlap counts and ramplus_tl's merge over raw values are torch's (`methods.ram`) bit
+    for bit: changes below epsilon, unique and shared ones, NaN and infinite inputs included."""
+    from mergesmith.methods.ram import Overlap, _active, ramplus_tl
+
+    if not kernels.has_ram() or not {dtype, out} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    g = torch.Generator().manual_seed(n + m)
+    base = torch.randn(n, generator=g).to(getattr(torch, dtype))
+    xs = []
+    for i in range(m):
+        keep = torch.rand(n, generator=g) < 0.5  # about half the values unchanged: unique and shared changes
+        x = (base.float() + torch.randn(n, generator=g) * 0.05 * keep).to(getattr(torch, dtype))
+        if n > 3 and i == 0:
+            x[1], x[2] = float("nan"), float("inf")
+        xs.append(x)
+    rounded = [(v.to(getattr(torch, via)) if via else v).float() for v in (base, *xs)]
+    overlap = Overlap(1e-5)
+    overlap.count(*_active([v.clone() for v in rounded[1:]], rounded[0].clone(), 1e-5), 0)
+    raw = [kernels.Raw(v.view(torch.uint8).numpy(), dtype, via) for v in (base, *xs)]
+    assert kernels.ram_overlap(raw[1:], raw[0], 1e-5) == overlap.chunks[0]
+    overlap.finish()
+    expected = ramplus_tl([v.clone() for v in rounded[1:]], rounded[0].clone(), r=0.3, alpha=0.5).to(
+        getattr(torch, out)
+    )
+    result = torch.empty(n, dtype=getattr(torch, out))
+    boosts = [
+        1 + 0.3 * min(max(s / max(u, 1e-5), 0.0), 0.5) for s, u in zip(overlap.shared, overlap.unique, strict=True)
+    ]
+    kernels.ramplus(kernels.Raw(result.view(torch.uint8).numpy(), out), raw[1:], raw[0], 1e-5, boosts)
+    nan = expected.isnan()  # the same places; the NaN's bit pattern is the kernels' quiet NaN (see ms_to_bf16)
+    assert torch.equal(result.isnan(), nan)
+    assert torch.equal(result[~nan].view(torch.uint8), expected[~nan].view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_nonfinite_counts_nan_and_inf(dtype, monkeypatch):
     x = torch.randn(10_001, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))

@@ -551,3 +551,10 @@ int32_t ms_row_ranks(const float *x, int64_t rows, int64_t cols, float *out) {
     free(buf);
     return 0;
 }
+
+/* ms_load and ms_store for the kernels of the other C files of this extension (one call per block). */
+void ms_load_block(const void *x, int32_t kind, int32_t via, int64_t i0, int64_t len, float *out) {
+    ms_load(x, kind, via, i0, len, out);
+}
+
+void ms_store_block(void *out, int32_t kind, int64_t i0, int64_t len, const float *v) { ms_store(out, kind, i0, len, v); }

@@ -72,6 +72,13 @@ def _load() -> ctypes.CDLL | None:
         lib.ms_row_ranks.restype = i32
     except AttributeError:
         pass
+    try:  # ram's kernels (kernels_ram.c): a library built before them still loads (ram then uses torch)
+        lib.ms_ram_overlap.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i32, f32, i64, ptr, ptr]
+        lib.ms_ram_overlap.restype = None
+        lib.ms_ramplus.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, f32, ptr, i64]
+        lib.ms_ramplus.restype = None
+    except AttributeError:
+        pass
     return lib
 
 
@@ -339,6 +346,36 @@ def nearswap(out: Raw, x: Raw, base: Raw, t: float) -> None:
     assert x.count == base.count == out.count
     (xp, xk, xv), (bp, bk, bv) = _raw_args(x), _raw_args(base)
     _LIB.ms_nearswap(out.data.ctypes.data, KINDS[out.dtype], xp, xk, xv, bp, bk, bv, t, 1e-6, out.count)
+
+
+def has_ram() -> bool:
+    """Whether the compiled library has ram's kernels (`ram_overlap`, `ramplus`)."""
+    return _LIB is not None and hasattr(_LIB, "ms_ramplus")
+
+
+def ram_overlap(xs: list[Raw], base: Raw, epsilon: float) -> list[tuple[int, int]]:
+    """Per model, (its active values that other models change too, those only it changes), active
+    meaning |x_i - b| > epsilon in float32, as `methods.ram.Overlap` counts them in torch."""
+    assert has_ram() and 0 < len(xs) <= MAX_INPUTS and all(x.count == base.count for x in xs)
+    m = len(xs)
+    ptrs, kinds, vias = _raw_arrays(xs)
+    bp, bk, bv = _raw_args(base)
+    shared, unique = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=np.int64)
+    _LIB.ms_ram_overlap(ptrs, kinds, vias, m, bp, bk, bv, epsilon, base.count, shared.ctypes.data, unique.ctypes.data)
+    return [(int(s), int(u)) for s, u in zip(shared, unique, strict=True)]
+
+
+def ramplus(out: Raw, xs: list[Raw], base: Raw, epsilon: float, boosts: list[float]) -> None:
+    """ramplus_tl's merge over raw values: out = b + sum_i tau_i w_i (w_i: `boosts[i]` where only
+    model i is active, 1/c where c > 1 are), in float32 with torch's operations, bit for bit."""
+    assert has_ram() and 0 < len(xs) <= MAX_INPUTS and all(x.count == out.count == base.count for x in xs)
+    m = len(xs)
+    ptrs, kinds, vias = _raw_arrays(xs)
+    bp, bk, bv = _raw_args(base)
+    b = np.asarray(boosts, dtype=np.float32)
+    _LIB.ms_ramplus(
+        out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, bp, bk, bv, epsilon, b.ctypes.data, out.count
+    )
 
 
 def nonfinite(data: np.ndarray | memoryview | torch.Tensor, dtype: str | None = None) -> int:

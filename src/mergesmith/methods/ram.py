@@ -1,10 +1,12 @@
 """ram, ramplus_tl: average task vectors only where several models change a weight; keep unique changes.
 
 ram is element-wise (the engine merges it in row chunks). ramplus_tl needs, per model, two counts
-over the whole tensor; streamed, they are observed over the row chunks first (`Overlap`)."""
+over the whole tensor; streamed, they are observed over the row chunks first (`Overlap`), in the raw
+lane by compiled kernels over the files' values (`kernels.ram_overlap`, `kernels.ramplus`)."""
 
 from __future__ import annotations
 
+from mergesmith import kernels
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.stream import Observation, Stream
@@ -41,8 +43,15 @@ class Overlap(Observation):
         actives = [d != 0 for d in deltas]
         self.chunks[start] = [(int((a & shared).sum()), int((a & unique).sum())) for a in actives]
 
-    def feed(self, xs: list[torch.Tensor], base: torch.Tensor, at: Stream) -> None:
-        self.count(*_active(xs, base, self.epsilon), at.start)
+    @property
+    def fusable(self) -> bool:  # type: ignore[override]
+        return kernels.has_ram()
+
+    def feed(self, xs: list, base: torch.Tensor | kernels.Raw, at: Stream) -> None:
+        if isinstance(base, kernels.Raw):
+            self.chunks[at.start] = kernels.ram_overlap(xs, base, self.epsilon)
+        else:
+            self.count(*_active(xs, base, self.epsilon), at.start)
 
     def finish(self) -> bool:
         per_model = list(zip(*self.chunks.values(), strict=True))
@@ -87,11 +96,17 @@ def ramplus_tl(
     alpha: float = 0.2,
     epsilon: float = 1e-5,
     stream: Stream | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """As ram, but where only model i is active its tau_i is scaled by 1 + r clamp(rho_i, 0, alpha),
     rho_i = #(a_i and c > 1) / max(#(a_i and c = 1), epsilon), counted over the tensor."""
     if not xs:
         return base
+    if isinstance(base, kernels.Raw):  # the raw lane: the observed counts, one pass into `stream.out`
+        assert stream is not None and stream.out is not None
+        kernels.ramplus(
+            stream.out, xs, base, epsilon, [_boost(stream.seen, i, r, alpha, epsilon) for i in range(len(xs))]
+        )
+        return None
     deltas, count = _active(xs, base, epsilon)
     if stream is None:
         overlap = Overlap(epsilon)
@@ -104,7 +119,12 @@ def ramplus_tl(
     shared_share = shared / count.clamp_min(1)  # 1/c where c > 1, else 0
     merged = torch.zeros_like(base)
     for i, d in enumerate(deltas):
-        rho = overlap.shared[i] / max(overlap.unique[i], epsilon)
-        boost = 1 + r * min(max(rho, 0.0), alpha)
+        boost = _boost(overlap, i, r, alpha, epsilon)
         merged.addcmul_(d, unique.to(d.dtype).mul_(boost).add_(shared_share))
     return base.add_(merged)
+
+
+def _boost(overlap: Overlap, i: int, r: float, alpha: float, epsilon: float) -> float:
+    """1 + r clamp(rho_i, 0, alpha): the scale of model i's unique changes."""
+    rho = overlap.shared[i] / max(overlap.unique[i], epsilon)
+    return 1 + r * min(max(rho, 0.0), alpha)
