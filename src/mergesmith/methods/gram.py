@@ -41,12 +41,14 @@ class Gram(Observation):
     def observe_tensors(self, vs: list[torch.Tensor], start: int) -> None:
         """The chunk of every tensor at flat element `start`."""
         rows = [rows_of(v) for v in vs]
-        r64 = [r.numpy().astype(np.float64) if r.device.type == "cpu" else r.double().cpu().numpy() for r in rows]
-        n = len(r64)
-        sums = np.zeros((len(r64[0]), n, n))
+        rs = [r.numpy() if r.device.type == "cpu" else r.double().cpu().numpy() for r in rows]
+        n = len(rs)
+        sums = np.zeros((len(rs[0]), n, n))
+        products = np.empty(rs[0].shape)  # float64, one buffer for every pair (no float64 copies)
         for i in range(n):
             for j in range(i, n):
-                sums[:, i, j] = sums[:, j, i] = (r64[i] * r64[j]).sum(axis=1)
+                np.multiply(rs[i], rs[j], out=products, dtype=np.float64)
+                sums[:, i, j] = sums[:, j, i] = products.sum(axis=1)
         self.rows[start] = sums
 
     def feed(self, xs: list[torch.Tensor], base: torch.Tensor | None, at: Stream) -> None:
