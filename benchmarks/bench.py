@@ -508,7 +508,7 @@ def file_write_bandwidth(root: Path) -> float:
     block.write(os.urandom(1 << 24))
     best = 0.0
     for _ in range(2):
-        path = root / "write-probe.bin"
+        path = root / f"write-probe-{os.getpid()}.bin"  # two benches at once must not share it
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.posix_fallocate(fd, 0, 128 * len(block))
         try:
