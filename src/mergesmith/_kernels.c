@@ -19,11 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define MS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define MS_CLONES
-#endif
+#include "kernels_raw.h"
 
 #define MS_GAMMA 0x9E3779B97F4A7C15ULL
 
@@ -94,8 +90,6 @@ MS_CLONES void ms_keep_apply_l1(uint64_t key, uint64_t start, int64_t rows, int6
  * with s); divisor = 0 + w_0 [a_0 > 0] + ...; with `normalize` the divisor is raised to `floor`
  * (floor > 0) or set to 1 where it is 0 (floor <= 0); result = (s a_0 + s a_1 + ...) / divisor.
  * NaN propagates as with torch; only the sign of a zero may differ. */
-#define MS_BLOCK 512
-
 static inline float ms_agree(float x, float s) { /* max(x * s, 0), NaN kept */
     float a = x * s;
     return a != a ? a : (a < 0.0f ? 0.0f : a);
@@ -205,72 +199,7 @@ int64_t ms_bracket(const float *a, int64_t n, float lo, float hi, float *out, in
     return ms_bracket_tail(a, 0, n, lo, hi, out, 0, counts);
 }
 
-/* Raw values of the three float formats of model files, as float32 and back. `kind`: 0 float32,
- * 1 bfloat16, 2 float16. Conversions to the narrow formats round to nearest even, as torch's do
- * (NaN becomes the quiet NaN 0x7FC0 in bfloat16). */
-#define MS_F32 0
-#define MS_BF16 1
-#define MS_F16 2
-
-static inline float ms_from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t ms_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-#ifdef __FLT16_MAX__
-#define MS_HAVE_F16 1
-#else
-#define MS_HAVE_F16 0
-#endif
-
 int32_t ms_has_f16(void) { return MS_HAVE_F16; }
-
-/* Values i0 .. i0 + len of x (of `kind`) as float32, rounded through `via` (-1: not at all). */
-static inline void ms_load(const void *x, int32_t kind, int32_t via, int64_t i0, int64_t len, float *out) {
-    if (kind == MS_BF16) {
-        const uint16_t *p = (const uint16_t *)x + i0;
-        for (int64_t k = 0; k < len; k++) out[k] = ms_from_bf16(p[k]);
-#if MS_HAVE_F16
-    } else if (kind == MS_F16) {
-        const _Float16 *p = (const _Float16 *)x + i0;
-        for (int64_t k = 0; k < len; k++) out[k] = (float)p[k];
-#endif
-    } else {
-        const float *p = (const float *)x + i0;
-        for (int64_t k = 0; k < len; k++) out[k] = p[k];
-    }
-    if (via == MS_BF16) {
-        for (int64_t k = 0; k < len; k++) out[k] = ms_from_bf16(ms_to_bf16(out[k]));
-#if MS_HAVE_F16
-    } else if (via == MS_F16) {
-        for (int64_t k = 0; k < len; k++) out[k] = (float)(_Float16)out[k];
-#endif
-    }
-}
-
-static inline void ms_store(void *out, int32_t kind, int64_t i0, int64_t len, const float *v) {
-    if (kind == MS_BF16) {
-        uint16_t *p = (uint16_t *)out + i0;
-        for (int64_t k = 0; k < len; k++) p[k] = ms_to_bf16(v[k]);
-#if MS_HAVE_F16
-    } else if (kind == MS_F16) {
-        _Float16 *p = (_Float16 *)out + i0;
-        for (int64_t k = 0; k < len; k++) p[k] = (_Float16)v[k];
-#endif
-    } else {
-        float *p = (float *)out + i0;
-        for (int64_t k = 0; k < len; k++) p[k] = v[k];
-    }
-}
 
 /* The linear merge fused over raw values: out = (x_0 w_0 + x_1 w_1 + ...) / divisor, in float32 with
  * the operations torch does for `methods.linear` (x_0 * w_0, then an FMA per further input, as torch's
@@ -410,7 +339,6 @@ typedef struct {
 #define MS_SHRINK 2
 #define MS_BUDGET 3
 #define MS_DROP 4
-#define MS_MAX_INPUTS 16
 
 static inline void ms_prune(ms_rule *p, int64_t i0, int64_t len, float *restrict d) {
     switch (p->mode) {
@@ -551,10 +479,3 @@ int32_t ms_row_ranks(const float *x, int64_t rows, int64_t cols, float *out) {
     free(buf);
     return 0;
 }
-
-/* ms_load and ms_store for the kernels of the other C files of this extension (one call per block). */
-void ms_load_block(const void *x, int32_t kind, int32_t via, int64_t i0, int64_t len, float *out) {
-    ms_load(x, kind, via, i0, len, out);
-}
-
-void ms_store_block(void *out, int32_t kind, int64_t i0, int64_t len, const float *v) { ms_store(out, kind, i0, len, v); }

@@ -5,25 +5,15 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define MS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define MS_CLONES
-#endif
-
-#define MS_RAM_BLOCK 512
-#define MS_RAM_MAX 16
-
-void ms_load_block(const void *x, int32_t kind, int32_t via, int64_t i0, int64_t len, float *out);
-void ms_store_block(void *out, int32_t kind, int64_t i0, int64_t len, const float *v);
+#include "kernels_raw.h"
 
 /* The m masked deltas of block i0 .. i0 + len into d[j], and the count of active models per value. */
 static inline void ms_ram_deltas(const void *const *x, const int32_t *kinds, const int32_t *via, int32_t m,
                                  const float *base, float eps, int64_t i0, int64_t len,
-                                 float d[][MS_RAM_BLOCK], float *count) {
+                                 float d[][MS_BLOCK], float *count) {
     for (int64_t k = 0; k < len; k++) count[k] = 0.0f;
     for (int32_t j = 0; j < m; j++) {
-        ms_load_block(x[j], kinds[j], via[j], i0, len, d[j]);
+        ms_load(x[j], kinds[j], via[j], i0, len, d[j]);
         for (int64_t k = 0; k < len; k++) {
             float v = d[j][k] - base[k];
             float a = fabsf(v) > eps ? 1.0f : 0.0f;
@@ -37,11 +27,11 @@ static inline void ms_ram_deltas(const void *const *x, const int32_t *kinds, con
  * models change too (count > 1) into shared[j], that only it changes (count == 1) into unique[j]. */
 MS_CLONES void ms_ram_overlap(const void *const *x, const int32_t *kinds, const int32_t *via, int32_t m, const void *b,
                               int32_t b_kind, int32_t b_via, float eps, int64_t n, int64_t *shared, int64_t *unique) {
-    float base[MS_RAM_BLOCK], count[MS_RAM_BLOCK], d[MS_RAM_MAX][MS_RAM_BLOCK];
+    float base[MS_BLOCK], count[MS_BLOCK], d[MS_MAX_INPUTS][MS_BLOCK];
     for (int32_t j = 0; j < m; j++) shared[j] = unique[j] = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += MS_RAM_BLOCK) {
-        int64_t len = n - i0 < MS_RAM_BLOCK ? n - i0 : MS_RAM_BLOCK;
-        ms_load_block(b, b_kind, b_via, i0, len, base);
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, b_kind, b_via, i0, len, base);
         ms_ram_deltas(x, kinds, via, m, base, eps, i0, len, d, count);
         for (int32_t j = 0; j < m; j++) {
             int64_t s = 0, u = 0;
@@ -61,10 +51,10 @@ MS_CLONES void ms_ram_overlap(const void *const *x, const int32_t *kinds, const 
 MS_CLONES void ms_ramplus(void *out, int32_t out_kind, const void *const *x, const int32_t *kinds, const int32_t *via,
                           int32_t m, const void *b, int32_t b_kind, int32_t b_via, float eps, const float *boost,
                           int64_t n) {
-    float base[MS_RAM_BLOCK], count[MS_RAM_BLOCK], acc[MS_RAM_BLOCK], d[MS_RAM_MAX][MS_RAM_BLOCK];
-    for (int64_t i0 = 0; i0 < n; i0 += MS_RAM_BLOCK) {
-        int64_t len = n - i0 < MS_RAM_BLOCK ? n - i0 : MS_RAM_BLOCK;
-        ms_load_block(b, b_kind, b_via, i0, len, base);
+    float base[MS_BLOCK], count[MS_BLOCK], acc[MS_BLOCK], d[MS_MAX_INPUTS][MS_BLOCK];
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, b_kind, b_via, i0, len, base);
         ms_ram_deltas(x, kinds, via, m, base, eps, i0, len, d, count);
         for (int64_t k = 0; k < len; k++) acc[k] = 0.0f;
         for (int32_t j = 0; j < m; j++) {
@@ -77,6 +67,6 @@ MS_CLONES void ms_ramplus(void *out, int32_t out_kind, const void *const *x, con
             }
         }
         for (int64_t k = 0; k < len; k++) acc[k] = base[k] + acc[k];
-        ms_store_block(out, out_kind, i0, len, acc);
+        ms_store(out, out_kind, i0, len, acc);
     }
 }
