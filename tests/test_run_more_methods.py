@@ -11,7 +11,7 @@ from conftest import merge, tensors
 from formulas import f64
 
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
-from test_arcee_fusion import ref_fusion  # noqa: E402
+from test_arcee_fusion import ref_fusion, ref_importance, ref_threshold  # noqa: E402
 from test_breadcrumbs import ref_merge as ref_breadcrumbs  # noqa: E402
 from test_model_stock import ref_model_stock  # noqa: E402
 from test_nearswap import ref_nearswap  # noqa: E402
@@ -130,11 +130,16 @@ def test_breadcrumbs_ties_ramplus_and_arcee_fusion(models, tmp_path):
         {"merge_method": "arcee_fusion", "base_model": str(models["base"]), "models": [{"model": str(models["ft1"])}]},
         tmp_path / "af",
     )
-    # The importance threshold is one of the importance values: an element sitting exactly on it can
-    # fall either side between float32 (ours) and float64 (the reference); allow that one element.
+    # The importance threshold is one of the importance values: elements whose score lies near it
+    # can fall either side between float32 (ours) and the float64 reference. The KL of two nearly equal
+    # row softmaxes cancels: float32 scores are off by up to ~4e-4 of the largest (measured; torch's
+    # AVX2 and AVX512 kernels round differently). Every element farther than 1e-3 of it must agree.
     for name, y in tensors(tmp_path / "af").items():
-        wrong = (f64(y) - ref_fusion(a1[name], b[name]).reshape(y.shape)).abs() > 1e-5
-        assert int(wrong.sum()) <= 1, name
+        x, base = a1[name], b[name]
+        wrong = (f64(y) - ref_fusion(x, base).reshape(y.shape)).abs() > 1e-5
+        scores = ref_importance(x, base).reshape(y.shape)
+        near = (scores - ref_threshold(scores)).abs() <= 1e-3 * scores.abs().max()
+        assert not (wrong & ~near).any(), name
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "slerp"])

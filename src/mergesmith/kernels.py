@@ -89,6 +89,11 @@ def available() -> bool:
     return _LIB is not None
 
 
+def library() -> ctypes.CDLL | None:
+    """The compiled library (None without it): for the kernels' sibling modules (`kernels_gram`)."""
+    return _LIB
+
+
 def _outputs(key: int, first: int, count: int) -> np.ndarray:
     """64-bit outputs first .. first + count (NumPy; uint64 arithmetic wraps like C's)."""
     z = np.arange(first + 1, first + count + 1, dtype=np.uint64)
@@ -231,11 +236,16 @@ def numpy_row_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def numpy_row_l1(x: np.ndarray) -> np.ndarray:
-    rows, cols = x.shape
-    a = np.abs(x.astype(np.float64))
+    return eight_sums(np.abs(x.astype(np.float64)))
+
+
+def eight_sums(a: np.ndarray) -> np.ndarray:
+    """Per row of a float64 matrix, the sum the C kernels take: column c into running sum c % 8, in
+    order, the eight added pairwise (NumPy's own sums are pairwise, in another order)."""
+    rows, cols = a.shape
     k = cols // 8
     sums = np.zeros((rows, 8), dtype=np.float64)
-    for i in range(k):  # in order, as the C loop adds them (NumPy's own sums are pairwise)
+    for i in range(k):
         sums += a[:, 8 * i : 8 * i + 8]
     tail = cols - 8 * k
     sums[:, :tail] += a[:, 8 * k :]
@@ -308,15 +318,15 @@ class Raw:
         return self.data.nbytes // DTYPE_BYTES[self.dtype]
 
 
-def _raw_args(x: Raw) -> tuple[int, int, int]:
+def raw_args(x: Raw) -> tuple[int, int, int]:
     """(address, kind, via kind or -1) of raw values, as the kernels take them."""
     return x.data.ctypes.data, KINDS[x.dtype], KINDS[x.via] if x.via else -1
 
 
-def _raw_arrays(xs: list[Raw]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
-    """`_raw_args` of several inputs, as the C arrays (addresses, kinds, via kinds) the kernels take."""
+def raw_arrays(xs: list[Raw]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """`raw_args` of several inputs, as the C arrays (addresses, kinds, via kinds) the kernels take."""
     m = len(xs)
-    args = [_raw_args(x) for x in xs]
+    args = [raw_args(x) for x in xs]
     ptrs = (ctypes.c_void_p * m)(*[a[0] for a in args])
     kinds = (ctypes.c_int32 * m)(*[a[1] for a in args])
     vias = (ctypes.c_int32 * m)(*[a[2] for a in args])
@@ -331,7 +341,7 @@ def linear(out: Raw, xs: list[Raw], weights: list[float], divisor: float | None)
     n = out.count
     assert all(x.count == n for x in xs)
     m = len(xs)
-    ptrs, kinds, vias = _raw_arrays(xs)
+    ptrs, kinds, vias = raw_arrays(xs)
     w = np.asarray(weights, dtype=np.float32)
     norm = divisor is not None
     _LIB.ms_linear(
@@ -344,7 +354,7 @@ def nearswap(out: Raw, x: Raw, base: Raw, t: float) -> None:
     `methods.nearswap` in torch, bit for bit. Needs the compiled library and dtypes among `raw_kinds()`."""
     assert _LIB is not None and {out.dtype, x.dtype, base.dtype, *(r.via for r in (x, base) if r.via)} <= raw_kinds()
     assert x.count == base.count == out.count
-    (xp, xk, xv), (bp, bk, bv) = _raw_args(x), _raw_args(base)
+    (xp, xk, xv), (bp, bk, bv) = raw_args(x), raw_args(base)
     _LIB.ms_nearswap(out.data.ctypes.data, KINDS[out.dtype], xp, xk, xv, bp, bk, bv, t, 1e-6, out.count)
 
 
@@ -358,8 +368,8 @@ def ram_overlap(xs: list[Raw], base: Raw, epsilon: float) -> list[tuple[int, int
     meaning |x_i - b| > epsilon in float32, as `methods.ram.Overlap` counts them in torch."""
     assert has_ram() and 0 < len(xs) <= MAX_INPUTS and all(x.count == base.count for x in xs)
     m = len(xs)
-    ptrs, kinds, vias = _raw_arrays(xs)
-    bp, bk, bv = _raw_args(base)
+    ptrs, kinds, vias = raw_arrays(xs)
+    bp, bk, bv = raw_args(base)
     shared, unique = np.zeros(m, dtype=np.int64), np.zeros(m, dtype=np.int64)
     _LIB.ms_ram_overlap(ptrs, kinds, vias, m, bp, bk, bv, epsilon, base.count, shared.ctypes.data, unique.ctypes.data)
     return [(int(s), int(u)) for s, u in zip(shared, unique, strict=True)]
@@ -370,8 +380,8 @@ def ramplus(out: Raw, xs: list[Raw], base: Raw, epsilon: float, boosts: list[flo
     model i is active, 1/c where c > 1 are), in float32 with torch's operations, bit for bit."""
     assert has_ram() and 0 < len(xs) <= MAX_INPUTS and all(x.count == out.count == base.count for x in xs)
     m = len(xs)
-    ptrs, kinds, vias = _raw_arrays(xs)
-    bp, bk, bv = _raw_args(base)
+    ptrs, kinds, vias = raw_arrays(xs)
+    bp, bk, bv = raw_args(base)
     b = np.asarray(boosts, dtype=np.float32)
     _LIB.ms_ramplus(
         out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, bp, bk, bv, epsilon, b.ctypes.data, out.count
@@ -416,7 +426,7 @@ def delta_bracket(x: Raw, base: Raw, lo: float | None, hi: float | None) -> Brac
     out = np.empty(x.count, dtype=np.float32)
     counts = _counts()
     k = _LIB.ms_delta_bracket(
-        *_raw_args(x), *_raw_args(base), x.count, lo is not None, lo or 0.0, np.nan if hi is None else hi,
+        *raw_args(x), *raw_args(base), x.count, lo is not None, lo or 0.0, np.nan if hi is None else hi,
         out.ctypes.data, counts,
     )  # fmt: skip
     return Bracket(counts[0], counts[1], out[:k].copy(), counts[2])
@@ -430,7 +440,7 @@ def delta_keep_l1(x: Raw, base: Raw, cols: int, key: int, start: int, cut: int) 
     before = np.empty(rows, dtype=np.float64)
     after = np.empty(rows, dtype=np.float64)
     _LIB.ms_delta_keep_l1(
-        *_raw_args(x), *_raw_args(base), rows, cols, key, start, cut, before.ctypes.data, after.ctypes.data
+        *raw_args(x), *raw_args(base), rows, cols, key, start, cut, before.ctypes.data, after.ctypes.data
     )
     return before, after
 
@@ -477,9 +487,9 @@ def task_merge(
     m = len(xs)
     assert _LIB is not None and 0 < m <= MAX_INPUTS and len(rules) == m
     assert all(x.count == out.count for x in (*xs, base))
-    ptrs, kinds, vias = _raw_arrays(xs)
+    ptrs, kinds, vias = raw_arrays(xs)
     table = (Rule * m)(*rules)
     _LIB.ms_task_merge(
-        out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, *_raw_args(base), table,
+        out.data.ctypes.data, KINDS[out.dtype], ptrs, kinds, vias, m, *raw_args(base), table,
         int(consensus), int(normalize), floor, divisor, lambda_, out.count,
     )  # fmt: skip

@@ -7,15 +7,16 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mergesmith import kernels, kernels_gram
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.sparsify import rows_of
 from mergesmith.methods.stream import Observation, Stream
 
-#: The vectors a method's Gram matrix is of, from the inputs' chunk (the inputs, their task vectors...).
-Vectors = Callable[[list, object], list]
+#: The vectors a method's Gram matrix is of, picked from the chunk's inputs (and base).
+Pick = Callable[[list, object], list]
 
 
-def inputs(xs: list[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
+def inputs(xs: list, base: object) -> list:
     return xs
 
 
@@ -26,33 +27,40 @@ def task_vectors(xs: list[torch.Tensor], base: torch.Tensor | None) -> list[torc
 
 class Gram(Observation):
     """The Gram matrix (v_i . v_j for every pair, norms squared on the diagonal) of a few tensors over
-    their whole length, observed chunk by chunk: products exact in float64, NumPy's pairwise sum per
-    row, row sums added with `math.fsum`, so any chunking of whole rows gives the whole tensors'
-    values. It is what slerp, model_stock, karcher... need of the whole tensors: their observation
-    (of the `vectors` of the inputs), not `fusable`; with `observe` False (chunks that hold
-    everything they need) it asks for no observe pass."""
+    their whole length, observed chunk by chunk: products exact in float64, added per row in a fixed
+    order (`kernels_gram.gram_rows`), row sums added with `math.fsum`, so any chunking of whole rows
+    gives the whole tensors' values, in torch or on raw values alike. The vectors are those `pick`
+    takes of the inputs, less the base when `relative` (the task vectors; the inputs without a base).
+    It is what slerp, model_stock, karcher... need of the whole tensors: their observation, not
+    `fusable` unless the method merges raw values (`fuses`) and the kernels are there; with `observe`
+    False (chunks that hold everything they need) it asks for no observe pass."""
 
-    def __init__(self, vectors: Vectors = inputs, observe: bool = True) -> None:
-        self.vectors = vectors
+    def __init__(self, pick: Pick = inputs, *, relative: bool = False, observe: bool = True, fuses: bool = False):
+        self.pick = pick
+        self.relative = relative
         self.needs_observe = observe
+        self.fuses = fuses
         self.rows: dict[int, np.ndarray] = {}  # chunk start -> (rows, n, n) row sums of v_i * v_j
         self.gram: np.ndarray | None = None
 
-    def observe_tensors(self, vs: list[torch.Tensor], start: int) -> None:
-        """The chunk of every tensor at flat element `start`."""
-        rows = [rows_of(v) for v in vs]
-        rs = [r.numpy() if r.device.type == "cpu" else r.double().cpu().numpy() for r in rows]
-        n = len(rs)
-        sums = np.zeros((len(rs[0]), n, n))
-        products = np.empty(rs[0].shape)  # float64, one buffer for every pair (no float64 copies)
-        for i in range(n):
-            for j in range(i, n):
-                np.multiply(rs[i], rs[j], out=products, dtype=np.float64)
-                sums[:, i, j] = sums[:, j, i] = products.sum(axis=1)
-        self.rows[start] = sums
+    @property
+    def fusable(self) -> bool:  # type: ignore[override]
+        return self.fuses and self.needs_observe and kernels_gram.available()
 
-    def feed(self, xs: list[torch.Tensor], base: torch.Tensor | None, at: Stream) -> None:
-        self.observe_tensors(self.vectors(xs, base), at.start)
+    def observe_tensors(self, vs: list[torch.Tensor], start: int) -> None:
+        """The chunk of every vector at flat element `start`."""
+        rows = [rows_of(v) for v in vs]
+        arrays = [np.ascontiguousarray(r.to("cpu", torch.float32).numpy()) for r in rows]
+        raw = [kernels.Raw(a, "float32") for a in arrays]
+        self.rows[start] = kernels_gram.gram_rows(raw, None, arrays[0].shape[1])
+
+    def feed(self, xs: list, base: object, at: Stream) -> None:
+        vs = self.pick(xs, base)
+        minus = base if self.relative else None
+        if isinstance(vs[0], kernels.Raw):
+            self.rows[at.start] = kernels_gram.gram_rows(vs, minus, at.cols)
+        else:
+            self.observe_tensors(vs if minus is None else [v.sub_(minus) for v in vs], at.start)
 
     def finish(self) -> bool:
         if self.needs_observe:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from mergesmith import kernels
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, combine
 from mergesmith.methods.registry import merge_method
@@ -63,11 +64,11 @@ def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> list[fl
     summary="Equal-weight Karcher mean on the hypersphere: average directions geodesically, then mean norm.",
     paper="https://en.wikipedia.org/wiki/Karcher_mean",
     pretty="Karcher Mean",
-    observes=lambda args, rng, count: Gram() if count > 1 else None,
+    observes=lambda args, rng, count: Gram(fuses=True) if count > 1 else None,
 )
 def karcher(
     xs: list[torch.Tensor], base: None, *, max_iter: int = 10, tol: float = 1e-5, stream: Stream | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """alpha_i = 1/N over inputs with |x_i| > tol (renormalised), u_i = x_i/|x_i|; u = normalise(sum alpha_i u_i);
     repeat: theta_i = acos(u.u_i), T = sum alpha_i theta_i/sin theta_i (u_i - cos theta_i u), stop if |T| < tol,
     u = cos|T| u + sin|T| T/|T|. y = (sum_i |x_i| / N) u. Inner products in float64, observed over
@@ -76,4 +77,9 @@ def karcher(
         return xs[0]
     if stream is None:
         return combine(xs, karcher_coefficients(Gram.of(xs), max_iter, tol))
-    return combine(xs, karcher_coefficients(stream.seen.gram, max_iter, tol))
+    coefficients = karcher_coefficients(stream.seen.gram, max_iter, tol)
+    if isinstance(xs[0], kernels.Raw):  # the raw lane: one pass into `stream.out`, torch's operations
+        assert stream.out is not None
+        kernels.linear(stream.out, xs, coefficients, None)
+        return None
+    return combine(xs, coefficients)

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 
+from mergesmith import kernels, kernels_gram
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, task_vectors
+from mergesmith.methods.gram import Gram
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.stream import Stream
 
@@ -31,11 +32,13 @@ def _ratio(gram: np.ndarray) -> float:
     summary="Model Stock: interpolate base -> average of the models by the mean cosine of their task vectors.",
     paper="https://arxiv.org/abs/2403.19522",
     pretty="Model Stock",
-    observes=lambda args, rng, count: Gram(task_vectors, observe=not args["filter_wise"]) if count > 1 else None,
+    observes=lambda args, rng, count: (
+        Gram(relative=True, observe=not args["filter_wise"], fuses=True) if count > 1 else None
+    ),
 )
 def model_stock(
     xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False, stream: Stream | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """c = mean over pairs i<j of cos(delta_i, delta_j) (norm product clamped at 1e-6, c in [-1, 1]),
     t = N c / (1 + (N-1) c), y = t mean_i(x_i) + (1-t) b; per row (last axis) when `filter_wise`.
     Streamed: the norms and dot products are observed over the row chunks first."""
@@ -45,6 +48,11 @@ def model_stock(
         raise MergeError(f"model_stock needs the base model and at least two other models, got {len(xs)} other")
     if filter_wise:  # the whole tensor, or a chunk of whole rows
         return _filter_wise(xs, base)
+    if isinstance(base, kernels.Raw):  # the raw lane: one pass into `stream.out`, torch's operations
+        assert stream is not None and stream.out is not None
+        n = len(xs)
+        kernels_gram.span(stream.out, xs, base, [1.0] * n, divisor=n, scale=_ratio(stream.seen.gram))
+        return None
     deltas = [x.sub_(base) for x in xs]
     ratio = _ratio(Gram.of(deltas) if stream is None else stream.seen.gram)
     mean_delta = deltas[0]

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from mergesmith import kernels, kernels_gram
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, combine, task_vectors
@@ -46,7 +47,7 @@ def multislerp_coefficients(gram: np.ndarray, w: list[float], eps: float) -> lis
     summary="Spherical weighted mean of several models (or of their task vectors when a base is given).",
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     pretty="Multi-SLERP",
-    observes=lambda args, rng, count: Gram(task_vectors) if count > 1 else None,
+    observes=lambda args, rng, count: Gram(relative=True, fuses=True) if count > 1 else None,
 )
 def multislerp(
     xs: list[torch.Tensor],
@@ -71,6 +72,14 @@ def multislerp(
         if total == 0:
             raise MergeError("multislerp: the weights sum to zero; change them or set normalize_weights: false")
         w = [wi / total for wi in w]
+    if isinstance(xs[0], kernels.Raw):  # the raw lane: one pass into `stream.out`, torch's operations
+        assert stream is not None and stream.out is not None
+        coefficients = multislerp_coefficients(stream.seen.gram, w, eps)
+        if base is None:
+            kernels.linear(stream.out, xs, coefficients, None)
+        else:
+            kernels_gram.span(stream.out, xs, base, coefficients)
+        return None
     vs = task_vectors(xs, base)
     out = combine(vs, multislerp_coefficients(Gram.of(vs) if stream is None else stream.seen.gram, w, eps))
     return out.add_(base) if base is not None else out

@@ -10,9 +10,10 @@ import math
 
 import numpy as np
 
+from mergesmith import kernels, kernels_gram
 from mergesmith.errors import MergeError
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, WholeTensors, combine, task_vectors
+from mergesmith.methods.gram import Gram, WholeTensors, combine
 from mergesmith.methods.registry import REQUIRED, PerModel, merge_method
 from mergesmith.methods.stream import Stream
 
@@ -50,7 +51,7 @@ def _observation(args: dict) -> Gram:
     """Flattened: the two vectors' Gram matrix; by rows: each chunk holds its own (nothing to
     observe); by columns: whole tensors."""
     if args["nuslerp_flatten"]:
-        return Gram(task_vectors)
+        return Gram(relative=True, fuses=True)
     return WholeTensors() if args["nuslerp_row_wise"] else Gram(observe=False)
 
 
@@ -91,6 +92,14 @@ def nuslerp(
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     flat = nuslerp_flatten or (stream is None and xs[0].dim() < 2)  # streamed chunks are >= 2-D
+    if isinstance(xs[0], kernels.Raw):  # flattened, in the raw lane: one pass into `stream.out`
+        assert stream is not None and stream.out is not None
+        coefficients = slerp_coefficients(t, stream.seen.gram)
+        if base is None:
+            kernels.linear(stream.out, xs, coefficients, None)
+        else:
+            kernels_gram.span(stream.out, xs, base, coefficients)
+        return None
     v0, v1 = xs
     if base is not None:
         v0.sub_(base)

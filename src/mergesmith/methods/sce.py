@@ -8,7 +8,7 @@ takes whole tensors."""
 from __future__ import annotations
 
 from mergesmith.lazy_torch import torch
-from mergesmith.methods.gram import Gram, WholeTensors, task_vectors
+from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import top_k_mask
 from mergesmith.methods.stream import Stream
@@ -44,7 +44,7 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     ),
     storage_only=STORAGE_ONLY,
     observes=lambda args, rng, count: (
-        (Gram(task_vectors) if args["select_topk"] >= 1 else WholeTensors()) if count else None
+        (Gram(relative=True) if args["select_topk"] >= 1 else WholeTensors()) if count else None
     ),
 )
 def sce(

@@ -1,6 +1,7 @@
 """The raw streamed lane: an observe-then-apply method (the task-vector family) on the files' raw
 values (`kernels.Raw`): the same passes as `torch_streamed` (sample, observe, apply) over chunks of
-whole rows, each a compiled kernel, no torch."""
+whole rows, each a compiled kernel, no torch. (The task-vector and ram methods merge onto a base;
+the Gram family's may have none.)"""
 
 from __future__ import annotations
 
@@ -21,14 +22,8 @@ from mergesmith.plan import OutputTensor
 
 def raw_streams(ctx: MergeContext, t: OutputTensor, entries: list[Entry | None]) -> bool:
     """Whether `t`'s method streams and may run in the raw lane (whether it can, its observation
-    says: the task-vector methods' pruners mostly can)."""
-    others = len(entries) - 1
-    return (
-        get_method(t.method).streams
-        and t.base is not None
-        and 0 < others <= kernels.MAX_INPUTS
-        and ctx.raw_ready(t, entries)
-    )
+    says: the task-vector methods' pruners mostly can, the Gram family's inner products can)."""
+    return get_method(t.method).streams and 0 < len(t.others) <= kernels.MAX_INPUTS and ctx.raw_ready(t, entries)
 
 
 def raw_streamed_parts(
