@@ -91,6 +91,46 @@ def test_span_equals_the_torch_operations(dtype, via, out, n, kind):
     assert torch.allclose(result.double(), formula.double(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize(("dtype", "via", "out"), [("bfloat16", None, "bfloat16"), ("float32", "bfloat16", "float32")])
+@pytest.mark.parametrize("n", [7, 4099])
+def test_sce_kernel_equals_the_torch_operations(dtype, via, out, n):
+    """sce's merge over raw values is torch's float32 sequence (`methods.sce`) bit for bit, with the
+    edges: task vectors of 0 (no sign), sums of 0 (elected +), NaN and Inf in one model."""
+    if not {dtype, out} <= kernels.raw_kinds():
+        pytest.skip("no compiled kernel for these dtypes here")
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(getattr(torch, dtype))
+    xs = [(base.float() + torch.randn(n, generator=g) * 0.05).to(getattr(torch, dtype)) for _ in range(3)]
+    xs[0][0], xs[1][1], xs[2][2] = base[0], float("nan"), float("inf")  # d = 0; NaN; Inf
+    xs[1][3] = xs[0][3] = base[3]  # two zero task vectors and one other
+    base[4], xs[0][4], xs[1][4], xs[2][4] = 0.5, 1.5, -0.5, 0.5  # they sum to 0: + is elected
+    w = [0.5, 0.3, 0.2]
+    b32 = _floats(base, via)
+    deltas = [_floats(x, via).sub_(b32) for x in xs]
+    total = deltas[0].clone().add_(deltas[1]).add_(deltas[2])
+    elected = total.sign_().add_(0.5).sign_()
+    merged, divisor = torch.zeros(n), torch.zeros(n)
+    for d, wi in zip(deltas, w, strict=True):
+        agree = (torch.sign(d) == elected).float()
+        merged.addcmul_(d, agree, value=wi)
+        divisor.add_(agree, alpha=wi)
+    expected = b32.clone().add_(merged.div_(divisor.clamp_min_(1e-6)))
+    result = torch.empty(n, dtype=getattr(torch, out))
+    kernels_gram.sce(kernels.Raw(result.view(torch.uint8).numpy(), out), [_raw(x, via) for x in xs], _raw(base, via), w)
+    want = expected.to(getattr(torch, out))
+    assert torch.isnan(result[1]) and torch.isnan(want[1])  # (torch's vector and scalar NaN bytes differ)
+    result[1], want[1] = 0, 0
+    assert torch.equal(result.view(torch.uint8), want.view(torch.uint8))
+    assert result[4].item() == 1.5  # the + model's alone
+    # away from the edges, the formula in float64
+    d64 = torch.stack([_floats(x, via).double() - b32.double() for x in xs])[:, 5:]
+    sign = torch.where(d64.sum(0) < 0, -1.0, 1.0).double()
+    keep = (torch.sign(d64) == sign).double()
+    weights = torch.tensor(w, dtype=torch.float64)[:, None]
+    formula = b32.double()[5:] + (weights * keep * d64).sum(0) / (weights * keep).sum(0).clamp_min(1e-6)
+    assert torch.allclose(result[5:].double(), formula, rtol=1e-2, atol=1e-2)
+
+
 #: name: (method, the models, their weights (None: no per-model parameters), global parameters, with a base)
 RECIPES = {
     "slerp": ("slerp", ("base", "ft1"), None, {"t": 0.35}, True),
@@ -100,14 +140,15 @@ RECIPES = {
     "multislerp_base": ("multislerp", ("ft1", "ft2"), (0.2, 0.7), {}, True),
     "nuslerp": ("nuslerp", ("ft1", "ft2"), (0.4, 0.6), {}, True),
     "nuslerp_nobase": ("nuslerp", ("ft1", "ft2"), (0.3, 0.5), {}, False),
+    "sce": ("sce", ("ft1", "ft2"), None, {}, True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gram_merges_in_the_raw_lane_equal_the_torch_path(models, tmp_path, monkeypatch, name, dtype):
-    """End to end from YAML: slerp, model_stock, karcher, multislerp and nuslerp merged from the files'
-    raw values by the kernels (several chunks per tensor) write the bytes the torch lane writes."""
+    """End to end from YAML: slerp, model_stock, karcher, multislerp, nuslerp and sce merged from the
+    files' raw values by the kernels (several chunks per tensor) write the bytes the torch lane writes."""
     from conftest import merge, tensors
 
     from mergesmith.engine import chunks, executor
@@ -133,7 +174,7 @@ def test_gram_merges_in_the_raw_lane_equal_the_torch_path(models, tmp_path, monk
     monkeypatch.setattr(executor, "raw_streamed_parts", parts)
     merge(recipe, tmp_path / "raw")
     assert lanes and all(p is not None for p in lanes)  # observed and merged on the files' values
-    assert bool(spans) == (with_base and method != "slerp")
+    assert bool(spans) == (with_base and method not in ("slerp", "sce"))
     monkeypatch.setattr(executor, "raw_streams", lambda ctx, t, entries: False)
     merge(recipe, tmp_path / "torch")
     a, b = tensors(tmp_path / "raw"), tensors(tmp_path / "torch")

@@ -77,3 +77,41 @@ MS_CLONES void ms_span(void *out, int32_t out_kind, const void *const *x, const 
         ms_store(out, out_kind, i0, len, acc);
     }
 }
+
+/* sce's merge (`methods.sce`, select_topk 1), whose observation is the Gram matrix's diagonal (the
+ * energies, turned into the weights w): with d_i = x_i - b, the elected sign of d_0 + d_1 + ... (+1 at
+ * 0 and NaN, as torch's sign(sign(t) + 0.5)), a_i = 1 where sign d_i is the elected one (0 where d_i is
+ * 0 or NaN), merged = sum_i (w_i d_i) a_i and divisor = sum_i w_i a_i in order from zero (`addcmul_`
+ * and `add_(alpha=)`: separate roundings, as torch rounds them), out = b + merged / max(divisor, 1e-6). */
+MS_CLONES void ms_sce(void *out, int32_t out_kind, const void *const *x, const int32_t *kinds, const int32_t *via,
+                      int32_t m, const void *b, int32_t b_kind, int32_t b_via, const float *w, int64_t n) {
+    float d[MS_MAX_INPUTS][MS_BLOCK], bb[MS_BLOCK], total[MS_BLOCK], merged[MS_BLOCK], divisor[MS_BLOCK];
+    const float floor = 1e-6f;
+    for (int64_t i0 = 0; i0 < n; i0 += MS_BLOCK) {
+        int64_t len = n - i0 < MS_BLOCK ? n - i0 : MS_BLOCK;
+        ms_load(b, b_kind, b_via, i0, len, bb);
+        for (int32_t i = 0; i < m; i++) {
+            ms_load(x[i], kinds[i], via[i], i0, len, d[i]);
+            for (int64_t k = 0; k < len; k++) d[i][k] = d[i][k] - bb[k];
+        }
+        for (int64_t k = 0; k < len; k++) total[k] = d[0][k];
+        for (int32_t i = 1; i < m; i++)
+            for (int64_t k = 0; k < len; k++) total[k] = total[k] + d[i][k];
+        for (int64_t k = 0; k < len; k++) merged[k] = divisor[k] = 0.0f;
+        for (int32_t i = 0; i < m; i++) {
+            const float wi = w[i];
+            for (int64_t k = 0; k < len; k++) {
+                float e = total[k] < 0.0f ? -1.0f : 1.0f;
+                float s = d[i][k] > 0.0f ? 1.0f : (d[i][k] < 0.0f ? -1.0f : 0.0f);
+                float a = s == e ? 1.0f : 0.0f;
+                merged[k] = merged[k] + (wi * d[i][k]) * a;
+                divisor[k] = divisor[k] + wi * a;
+            }
+        }
+        for (int64_t k = 0; k < len; k++) {
+            float c = divisor[k] < floor ? floor : divisor[k];
+            total[k] = bb[k] + merged[k] / c;
+        }
+        ms_store(out, out_kind, i0, len, total);
+    }
+}

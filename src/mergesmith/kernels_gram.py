@@ -1,5 +1,6 @@
 """The Gram family's compiled kernels (`kernels_gram.c`): the inner products of a few vectors row by
-row, and the combination of the inputs by coefficients, over raw values; NumPy computes the inner
+row, the combination of the inputs by coefficients, and sce's energy-weighted sign-consensus merge,
+over raw values; NumPy computes the inner
 products the same way where the library is missing (the tests compare the two)."""
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def _bind() -> ctypes.CDLL | None:
     lib.ms_gram.restype = None
     lib.ms_span.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i32, f32, f32, i64]
     lib.ms_span.restype = None
+    lib.ms_sce.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i64]
+    lib.ms_sce.restype = None
     return lib
 
 
@@ -85,4 +88,18 @@ def span(
     _LIB.ms_span(
         out.data.ctypes.data, kernels.KINDS[out.dtype], ptrs, kinds, vias, len(xs), *kernels.raw_args(base),
         c.ctypes.data, int(divisor is not None), divisor or 1.0, scale, out.count,
+    )  # fmt: skip
+
+
+def sce(out: Raw, xs: list[Raw], base: Raw, weights: list[float]) -> None:
+    """sce's merge of the task vectors x_i - b by `weights` (their energies' shares) where their signs
+    agree with the elected one, onto the base: torch's float32 operations (`methods.sce`), bit for bit.
+    Needs the compiled library and dtypes among `raw_kinds()`."""
+    assert _LIB is not None and 0 < len(xs) <= kernels.MAX_INPUTS and len(weights) == len(xs)
+    assert all(x.count == out.count == base.count for x in xs)
+    ptrs, kinds, vias = kernels.raw_arrays(xs)
+    w = np.asarray(weights, dtype=np.float32)
+    _LIB.ms_sce(
+        out.data.ctypes.data, kernels.KINDS[out.dtype], ptrs, kinds, vias, len(xs), *kernels.raw_args(base),
+        w.ctypes.data, out.count,
     )  # fmt: skip

@@ -1,10 +1,13 @@
 """arcee_fusion: take the other model's changes only where they matter most (importance outliers).
 
 The importance of an element needs only its row (a softmax along the last axis), and the threshold
-needs only the sorted multiset of at most a million of them (all, or a seeded sample). Streamed in
-row chunks, an observe pass gathers those values (`ImportanceSample`), then each chunk is merged."""
+needs only three order statistics of at most a million of them (all, or a seeded sample). Streamed in
+row chunks, an observe pass gathers those values and keeps each row's KL divergence (one value per
+row: `ImportanceSample`), then each chunk is merged with its rows' KL, without the softmaxes again."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -18,12 +21,16 @@ from mergesmith.rng import TensorRNG
 QUANTILE_SAMPLE = 1_000_000
 
 
-def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|x - b| times the KL divergence of softmax(x) from softmax(b) along the last axis (row-wise)."""
+def row_kl(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The KL divergence of softmax(x) + 1e-8 from softmax(b) + 1e-8 along the last axis (keepdim)."""
     p = torch.softmax(x, dim=-1).add_(1e-8)
     q = torch.softmax(base, dim=-1).add_(1e-8)
-    kl = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-    return (x - base).abs_().mul_(kl)
+    return (p * (p / q).log_()).sum(dim=-1, keepdim=True)
+
+
+def importance(x: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """|x - b| times the row KL divergence of their softmaxes (`row_kl`, or `kl` where known)."""
+    return (x - base).abs_().mul_(row_kl(x, base) if kl is None else kl)
 
 
 def sample_positions(n: int, rng: TensorRNG, device: torch.device | None) -> torch.Tensor | None:
@@ -39,10 +46,12 @@ def sample_positions(n: int, rng: TensorRNG, device: torch.device | None) -> tor
 
 
 def quantile_threshold(values: torch.Tensor) -> float:
-    """median + 1.5 IQR of `values`, each quantile q the sorted value at floor(q (n-1))."""
+    """median + 1.5 IQR of `values`, each quantile q the sorted value at floor(q (n-1)) (NaN sorted
+    last); three order statistics by partition (selection), a fifth of a sort's time."""
     n = values.numel()
-    ordered = torch.sort(values).values
-    q1, median, q3 = (float(ordered[i]) for i in ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4))
+    at = [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
+    ordered = np.partition(values.detach().cpu().numpy(), at)
+    q1, median, q3 = (float(ordered[i]) for i in at)
     return median + 1.5 * (q3 - q1)
 
 
@@ -63,12 +72,16 @@ class ImportanceSample(Pruner):
         self.rng = rng
         self.positions: np.ndarray | None = None  # sorted flat positions (repeats kept), or None: all
         self.parts: dict[int, torch.Tensor] = {}
+        self.kl: torch.Tensor | None = None  # every row's KL divergence, flat, filled chunk by chunk
+        self.lock = threading.Lock()
         self.threshold = 0.0
 
     def setup(self, numel: int) -> None:
         super().setup(numel)
         picked = sample_positions(numel, self.rng, None)  # drawn on the CPU, as the whole tensor's are
-        self.positions = None if picked is None else np.sort(picked.numpy())
+        if picked is not None:  # sorted as 32-bit keys where they fit (twice as fast)
+            narrow = picked.numpy().astype(np.uint32) if numel <= 2**32 else picked.numpy()
+            self.positions = np.sort(narrow).astype(np.int64)
 
     def observe_scores(self, scores: torch.Tensor, start: int) -> None:
         flat = scores.reshape(-1)
@@ -78,8 +91,21 @@ class ImportanceSample(Pruner):
         a, b = np.searchsorted(self.positions, [start, start + flat.numel()])
         self.parts[start] = flat[torch.from_numpy(self.positions[a:b] - start).to(flat.device)]
 
+    def rows(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The place of chunk `x` (at flat element `start`) in `kl`, shaped as `row_kl` gives it.
+        One buffer per tensor, not one small tensor per chunk: those, alive through the merge pass
+        between its large temporaries, fragmented the heap (peak RSS 0.63 -> 0.89 GiB on medium)."""
+        cols = x.shape[-1]
+        with self.lock:
+            if self.kl is None:
+                self.kl = torch.empty(self.numel // cols, device=x.device)
+        first = start // cols
+        return self.kl[first : first + x.numel() // cols].view(*x.shape[:-1], 1)
+
     def feed(self, xs: list[torch.Tensor], base: torch.Tensor, at: Stream) -> None:
-        self.observe_scores(importance(xs[0], base), at.start)
+        kl = self.rows(xs[0], at.start)
+        kl.copy_(row_kl(xs[0], base))
+        self.observe_scores(importance(xs[0], base, kl), at.start)
 
     def finish(self) -> bool:
         self.threshold = quantile_threshold(torch.cat([self.parts[s] for s in sorted(self.parts)]))
@@ -106,5 +132,5 @@ def arcee_fusion(
     if stream is None:
         scores = importance(xs[0], base)
         return base.add_(xs[0].sub_(base).mul_(scores >= outlier_threshold(scores, rng)))
-    keep = importance(xs[0], base) >= stream.seen.threshold
+    keep = importance(xs[0], base, stream.seen.rows(xs[0], stream.start)) >= stream.seen.threshold
     return base.add_(xs[0].sub_(base).mul_(keep))

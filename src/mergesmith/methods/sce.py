@@ -1,12 +1,16 @@
 """sce: select high-variance elements, weight task vectors by their energy, erase minority signs.
 
 Without selection (`select_topk` 1) it streams in row chunks: the energies (mean squares of the
-task vectors, the diagonal of their Gram matrix) are observed first, the rest is element-wise.
+task vectors, the diagonal of their Gram matrix) are observed first, the rest is element-wise (in the
+raw lane one compiled pass over the files' values, `kernels_gram.sce`).
 Selecting by variance needs a threshold over the whole tensor before the energies, so that case
 takes whole tensors."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from mergesmith import kernels, kernels_gram
 from mergesmith.lazy_torch import torch
 from mergesmith.methods.gram import Gram, WholeTensors
 from mergesmith.methods.registry import merge_method
@@ -30,6 +34,14 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     return top_k_mask(var, k)
 
 
+def _weights(squares: np.ndarray, numel: int) -> list[float]:
+    """omega_i = mean(tau_i^2) / sum_j mean(tau_j^2) from the task vectors' Gram matrix `squares` over
+    `numel` values (equal weights where the energies are all but zero)."""
+    energy = [float(squares[i, i]) / numel for i in range(len(squares))]
+    total = sum(energy)
+    return [1.0 / len(energy)] * len(energy) if total < 1e-6 else [e / total for e in energy]
+
+
 @merge_method(
     "sce",
     base="required",
@@ -44,7 +56,7 @@ def variance_mask(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     ),
     storage_only=STORAGE_ONLY,
     observes=lambda args, rng, count: (
-        (Gram(relative=True) if args["select_topk"] >= 1 else WholeTensors()) if count else None
+        (Gram(relative=True, fuses=True) if args["select_topk"] >= 1 else WholeTensors()) if count else None
     ),
 )
 def sce(
@@ -61,17 +73,18 @@ def sce(
     The mean squares in float64 (observed over the row chunks first when streamed)."""
     if not xs:
         return base
+    if isinstance(base, kernels.Raw):  # the raw lane: one pass into `stream.out`, torch's operations
+        assert stream is not None and stream.out is not None
+        kernels_gram.sce(stream.out, xs, base, _weights(stream.seen.gram, stream.numel))
+        return None
     deltas = [x.sub_(base) for x in xs]
     if select_topk < 1:
         mask = variance_mask(deltas, select_topk)
         for d in deltas:
             d.mul_(mask)
     observed = stream is not None and stream.seen.needs_observe
-    squares = stream.seen.gram if observed else Gram.of(deltas)
-    numel = stream.numel if observed else deltas[0].numel()  # of the whole tensor, not the chunk
-    energy = [float(squares[i, i]) / numel for i in range(len(deltas))]
-    total = sum(energy)
-    omega = [1.0 / len(deltas)] * len(deltas) if total < 1e-6 else [e / total for e in energy]
+    # the energies of the whole tensor, not the chunk
+    omega = _weights(stream.seen.gram, stream.numel) if observed else _weights(Gram.of(deltas), deltas[0].numel())
     elected = sign_consensus(deltas)
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base)
