@@ -81,25 +81,23 @@ def span(
     """out = b + scale ((sum_i c_i (x_i - b)) / divisor) (no division when `divisor` is None), in
     float32 with torch's operations (`gram.combine` of the task vectors, `div_`, then `addcmul_` or
     `add_` of the base), bit for bit. Needs the compiled library and dtypes among `raw_kinds()`."""
-    assert _LIB is not None and 0 < len(xs) <= kernels.MAX_INPUTS and len(coefficients) == len(xs)
-    assert all(x.count == out.count == base.count for x in xs)
-    ptrs, kinds, vias = kernels.raw_arrays(xs)
-    c = np.asarray(coefficients, dtype=np.float32)
-    _LIB.ms_span(
-        out.data.ctypes.data, kernels.KINDS[out.dtype], ptrs, kinds, vias, len(xs), *kernels.raw_args(base),
-        c.ctypes.data, int(divisor is not None), divisor or 1.0, scale, out.count,
-    )  # fmt: skip
+    _onto_base("ms_span", out, xs, base, coefficients, int(divisor is not None), divisor or 1.0, scale)
 
 
 def sce(out: Raw, xs: list[Raw], base: Raw, weights: list[float]) -> None:
     """sce's merge of the task vectors x_i - b by `weights` (their energies' shares) where their signs
     agree with the elected one, onto the base: torch's float32 operations (`methods.sce`), bit for bit.
     Needs the compiled library and dtypes among `raw_kinds()`."""
-    assert _LIB is not None and 0 < len(xs) <= kernels.MAX_INPUTS and len(weights) == len(xs)
+    _onto_base("ms_sce", out, xs, base, weights)
+
+
+def _onto_base(kernel: str, out: Raw, xs: list[Raw], base: Raw, per_input: list[float], *args: object) -> None:
+    """The library's `kernel`(out, xs, base, per_input as float32, *args, count): a merge onto `base`."""
+    assert _LIB is not None and 0 < len(xs) <= kernels.MAX_INPUTS and len(per_input) == len(xs)
     assert all(x.count == out.count == base.count for x in xs)
     ptrs, kinds, vias = kernels.raw_arrays(xs)
-    w = np.asarray(weights, dtype=np.float32)
-    _LIB.ms_sce(
+    c = np.asarray(per_input, dtype=np.float32)
+    getattr(_LIB, kernel)(
         out.data.ctypes.data, kernels.KINDS[out.dtype], ptrs, kinds, vias, len(xs), *kernels.raw_args(base),
-        w.ctypes.data, out.count,
+        c.ctypes.data, *args, out.count,
     )  # fmt: skip
