@@ -277,12 +277,12 @@ CAPABILITY_DEPENDENT = {"arcee_fusion"}  # row softmaxes and logs: torch's vecto
 
 
 def output_hashes(out: Path, root: Path, per_capability: bool = False) -> dict[str, str]:
-    """Each file's digest; a tensor file of a capability-dependent case keyed `name@CAPABILITY`."""
+    """Each file's digest; a capability-dependent case's tensor files and report keyed `name@CAPABILITY`."""
     hashes = {}
     for p in sorted(out.rglob("*")):
         if p.is_file():
             name = str(p.relative_to(out))
-            if per_capability and name.endswith(".safetensors"):
+            if per_capability and (name.endswith(".safetensors") or name == "merge_report.json"):  # (its CRCs)
                 name = f"{name}@{torch.backends.cpu.get_cpu_capability()}"
             hashes[name] = digest(p, root)
     return hashes

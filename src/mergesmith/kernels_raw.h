@@ -28,16 +28,22 @@
 #define MS_BF16 1
 #define MS_F16 2
 
-static inline float ms_from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+static inline float ms_bits_float(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline uint16_t ms_to_bf16(float f) {
+static inline uint32_t ms_float_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float ms_from_bf16(uint16_t h) { return ms_bits_float((uint32_t)h << 16); }
+
+static inline uint16_t ms_to_bf16(float f) {
+    uint32_t u = ms_float_bits(f);
     if (f != f) return 0x7FC0;
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }

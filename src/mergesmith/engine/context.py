@@ -186,7 +186,7 @@ class MergeContext:
         seen = reported(t, lambda: method.observation(method_params(t), self.rng(t), len(t.others)))
         seen = seen if seen is not None else Observation()
         seen.setup(numel)
-        return Streaming(numel, seen, cols=cols)
+        return Streaming(numel, seen, cols=cols, width=t.shape[-1] if t.shape else 1)
 
     def sample(self, t: OutputTensor, xs: list, stream: Streaming) -> None:
         """The observation's sample pass, on the inputs' fixed sample `xs`."""

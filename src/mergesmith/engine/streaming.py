@@ -21,6 +21,7 @@ class Streaming:
     seen: Observation
     start: int = 0
     cols: int = 0
+    width: int = 0
     out: kernels.Raw | None = None
 
     def finish(self, run: Callable = map) -> bool:

@@ -54,11 +54,12 @@ Observes = Callable[[dict[str, Any], Any, int], Observation | None]
 
 class Stream(Protocol):
     """One chunk's place in a streamed merge: the whole tensor's size, the chunk's first flat
-    element, in the raw lane the values per row (`cols`) and where the merge writes (`out`), and
-    the finished observation (`seen`)."""
+    element, in the raw lane the values per row (`cols`: per first index), along the last axis
+    (`width`) and where the merge writes (`out`), and the finished observation (`seen`)."""
 
     numel: int
     start: int
     cols: int
+    width: int
     out: kernels.Raw | None
     seen: Observation

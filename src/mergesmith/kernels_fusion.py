@@ -1,0 +1,81 @@
+"""arcee_fusion's compiled kernels (`kernels_fusion.c`) over raw values: each row's KL divergence of the
+two softmaxes, the importance scores (all, or at sampled positions), and the merge by a threshold."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from mergesmith import kernels
+from mergesmith.kernels import Raw
+
+
+def _bind() -> ctypes.CDLL | None:
+    lib = kernels.library()
+    if lib is None or not hasattr(lib, "ms_fusion_kl"):  # a library built before these kernels
+        return None
+    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+    lib.ms_fusion_kl.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i64, ptr, ptr]
+    lib.ms_fusion_scores.argtypes = [ptr, i32, i32, ptr, i32, i32, ptr, i64, ptr, i64, ptr]
+    lib.ms_fusion.argtypes = [ptr, i32, ptr, i32, i32, ptr, i32, i32, ptr, i64, i64, f32, ptr]
+    for f in (lib.ms_fusion_kl, lib.ms_fusion_scores, lib.ms_fusion):
+        f.restype = None
+    return lib
+
+
+_LIB = _bind()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def _rows(x: Raw, width: int) -> int:
+    assert _LIB is not None and width > 0 and x.count % width == 0
+    return x.count // width
+
+
+def row_kl(x: Raw, base: Raw, width: int) -> np.ndarray:
+    """Per row of `width` values: KL(softmax(x) + 1e-8 || softmax(b) + 1e-8), float32 (NaN for rows
+    with a NaN or +Inf)."""
+    rows = _rows(x, width)
+    assert base.count == x.count
+    scratch = np.empty(2 * width, dtype=np.float32)
+    kl = np.empty(rows, dtype=np.float32)
+    _LIB.ms_fusion_kl(*kernels.raw_args(x), *kernels.raw_args(base), rows, width, scratch.ctypes.data, kl.ctypes.data)
+    return kl
+
+
+def scores(x: Raw, base: Raw, kl: np.ndarray, width: int, at: np.ndarray | None = None) -> np.ndarray:
+    """|x - b| kl[row] (float32): at the flat positions `at` of the chunk (int64), or everywhere."""
+    rows = _rows(x, width)
+    assert len(kl) == rows and kl.dtype == np.float32 and base.count == x.count
+    if at is None:
+        out = np.empty(x.count, dtype=np.float32)
+        _LIB.ms_fusion(
+            None, 0, *kernels.raw_args(x), *kernels.raw_args(base), kl.ctypes.data, rows, width, 0.0, out.ctypes.data
+        )
+        return out
+    where = np.ascontiguousarray(at, dtype=np.int64)
+    out = np.empty(len(where), dtype=np.float32)
+    _LIB.ms_fusion_scores(
+        *kernels.raw_args(x),
+        *kernels.raw_args(base),
+        kl.ctypes.data,
+        width,
+        where.ctypes.data,
+        len(where),
+        out.ctypes.data,
+    )
+    return out
+
+
+def fusion(out: Raw, x: Raw, base: Raw, kl: np.ndarray, width: int, threshold: float) -> None:
+    """out = b + (x - b) [|x - b| kl[row] >= threshold], row by row of `width` values."""
+    rows = _rows(x, width)
+    assert len(kl) == rows and kl.dtype == np.float32 and out.count == x.count == base.count
+    _LIB.ms_fusion(
+        out.data.ctypes.data, kernels.KINDS[out.dtype], *kernels.raw_args(x), *kernels.raw_args(base),
+        kl.ctypes.data, rows, width, threshold, None,
+    )  # fmt: skip
