@@ -457,9 +457,10 @@ def test_task_vector_merges_in_the_raw_lane_equal_the_torch_path(tmp_path, monke
 
 
 def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatch):
-    """`mergesmith run` of a linear merge, of frankenmerges and of ties and dare_ties in a process
-    where importing torch fails: all complete, and write what in-process runs write through torch
-    (no kernels)."""
+    """`mergesmith run` of a linear merge, of frankenmerges, of ties and dare_ties, of the Gram family
+    (slerp, model_stock, karcher), sce and arcee_fusion in a process where importing torch fails: all
+    complete, and write what in-process runs write through torch (no kernels); arcee_fusion, whose
+    raw lane rounds its scores differently from torch's, what an in-process run with the kernels writes."""
     import os
     import subprocess
     import sys
@@ -486,6 +487,33 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatc
                 ],
             }
             for method in ("ties", "dare_ties")
+        },
+        **{
+            method: {  # the Gram family's and sce's raw lane
+                "merge_method": method,
+                "base_model": str(models["base"]),
+                "dtype": "bfloat16",
+                "models": [{"model": str(models[k])} for k in ("ft1", "ft2")],
+            }
+            for method in ("model_stock", "sce")
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": str(models["base"]),
+            "dtype": "bfloat16",
+            "models": [{"model": str(models["base"])}, {"model": str(models["ft1"])}],
+            "parameters": {"t": 0.3},
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "dtype": "float32",
+            "models": [{"model": str(models[k])} for k in ("ft1", "ft2")],
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": str(models["base"]),
+            "dtype": "bfloat16",
+            "models": [{"model": str(models["ft1"])}],
         },
         "stack": {
             "merge_method": "passthrough",
@@ -517,6 +545,7 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatc
         "main.main(sys.argv[1:])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(mergesmith.__file__).parents[1])}
+    merge(recipes["arcee_fusion"], tmp_path / "arcee_fusion-ref")  # with the kernels, before they go
     monkeypatch.setattr(kernels, "_LIB", None)  # the in-process references: every tensor through torch
     for name, recipe in recipes.items():
         path = tmp_path / f"{name}.yml"
@@ -529,7 +558,8 @@ def test_copies_and_fused_merges_never_import_torch(models, tmp_path, monkeypatc
             timeout=300,
         )
         assert done.returncode == 0, done.stderr
-        merge(recipe, tmp_path / f"{name}-ref")
+        if name != "arcee_fusion":
+            merge(recipe, tmp_path / f"{name}-ref")
         a, b = tensors(tmp_path / name), tensors(tmp_path / f"{name}-ref")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
