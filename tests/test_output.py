@@ -44,6 +44,30 @@ def test_sharding_and_index(models, tmp_path):
     assert not list(out.glob("*.partial")) and not list(tmp_path.glob(".*partial"))
 
 
+def test_no_sync_writes_the_same_bytes_through_the_page_cache(models, tmp_path, monkeypatch):
+    """`run --no-sync`: the same files, written without direct I/O and without an fsync (mergekit's way:
+    done once the page cache has them); the default syncs every shard it writes."""
+    import os
+
+    from mergesmith.output import shards
+
+    synced, direct = [], []
+    real_fsync, real_direct = os.fsync, shards._open_direct
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(shards, "_open_direct", lambda path: (direct.append(path), real_direct(path))[1])
+    recipe = linear_recipe(models, "ft1", "ft2")
+    merge(recipe, tmp_path / "synced", "--out-shard-size", "20k")
+    shard_files = len(list((tmp_path / "synced").glob("*.safetensors")))
+    assert shard_files > 1 and len(synced) >= shard_files and len(direct) == shard_files
+    synced.clear(), direct.clear()
+    merge(recipe, tmp_path / "cached", "--out-shard-size", "20k", "--no-sync")
+    assert synced == [] and direct == []
+    for f in sorted((tmp_path / "synced").iterdir()):
+        if f.name not in ("merge_report.json", "README.md"):  # (they name the output)
+            assert f.read_bytes() == (tmp_path / "cached" / f.name).read_bytes(), f.name
+    assert tensors(tmp_path / "cached").keys() == tensors(models["ft1"]).keys()
+
+
 def test_single_shard_and_side_files(models, tmp_path):
     merge(linear_recipe(models, "ft1", "ft3"), tmp_path / "out")
     out = tmp_path / "out"

@@ -51,6 +51,12 @@ from mergesmith.errors import MergeError
 @click.option(
     "--bandwidth", default="1B", show_default=True, help="Bytes/s per worker assumed by --dry-run's time estimate."
 )
+@click.option(
+    "--sync/--no-sync",
+    default=True,
+    help="Have the output on the disk before reporting success (the default); --no-sync: in the page cache, as "
+    "mergekit leaves it (faster on slow disks; a power cut soon after can lose or tear it).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug (prints the per-tensor plan).")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Upload the merge when done.")

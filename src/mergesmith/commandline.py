@@ -158,4 +158,5 @@ def merge_options(opts: dict[str, Any]) -> Any:
         strict=opts.get("strict", False),
         workers=opts.get("workers") or 0,
         ray_address=opts.get("ray_address"),
+        sync=opts.get("sync", True),
     )

@@ -41,6 +41,7 @@ class MergeOptions:
     workers: int = 0  # > 0: split the merge into this many Ray tasks (distributed.py)
     ray_address: str | None = None  # a running Ray cluster to use (else --workers starts a local one)
     allow_identical_experts: bool = False  # moe: every expert may be one model (upcycling, to train after)
+    sync: bool = True  # the output is on the disk before success is reported (False: in the page cache)
 
 
 class PreparedMerge(NamedTuple):

@@ -35,7 +35,8 @@ def write_weights(
     `config`: the recipe (its `dtype` rounds the inputs, its method may need calibration), or None
     for a plan that no recipe made (`mergesmith moe`)."""
     audit = audit or open_audit(directory, plan, models, options)
-    writer = ShardWriter(directory, audit.journal.pending, index=False)  # the journal writes the whole index
+    # the journal writes the whole index
+    writer = ShardWriter(directory, audit.journal.pending, fsync=options.sync, index=False)
     try:
         sources = merge_sources(models)
         executor = Executor(

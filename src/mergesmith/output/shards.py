@@ -88,11 +88,11 @@ class _File:
     and written front to back (aligned blocks with O_DIRECT, the last partial block through the page
     cache), with a running CRC-32; a write out of order switches the file to plain `pwrite`s."""
 
-    def __init__(self, path: Path, shard: Shard) -> None:
+    def __init__(self, path: Path, shard: Shard, direct: bool = True) -> None:
         self.path = path
         self.shard = shard
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.direct = _open_direct(path)
+        self.direct = _open_direct(path) if direct else None
         self.ordered = True
         self.next = 0  # the next byte expected in order
         self.block: _Block | None = None
@@ -201,7 +201,8 @@ class ShardWriter:
 
     def __init__(self, directory: Path, shards: list[Shard], fsync: bool = True, index: bool = True) -> None:
         """`index`: write the index of the shards on `close` (False where they are only part of the
-        output, as a resumed merge's: its journal writes the whole index)."""
+        output, as a resumed merge's: its journal writes the whole index). `fsync` False (`run
+        --no-sync`): the page cache is enough, no direct writes and no fsync, as mergekit writes."""
         self.directory = directory
         self.shards = shards
         self.fsync = fsync
@@ -217,7 +218,7 @@ class ShardWriter:
         try:
             for shard in shards:
                 path = directory / (shard.file + PARTIAL)
-                file = _File(path, shard)
+                file = _File(path, shard, direct=self.fsync)
                 self._files.append(file)
                 self._reserve(file.fd, shard.size, path)
                 data_start = 8 + len(shard.header)
