@@ -89,8 +89,15 @@ def available() -> bool:
     return _LIB is not None
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled library (None without it): for the kernels' sibling modules (`kernels_gram`)."""
+def bind(signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """The compiled library with these kernels' argument types set (each returns nothing), or None
+    where it is missing or was built before them: for the kernels' sibling modules (`kernels_gram`,
+    `kernels_fusion`)."""
+    if _LIB is None or not all(hasattr(_LIB, name) for name in signatures):
+        return None
+    for name, argtypes in signatures.items():
+        kernel = getattr(_LIB, name)
+        kernel.argtypes, kernel.restype = argtypes, None
     return _LIB
 
 

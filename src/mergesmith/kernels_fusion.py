@@ -10,21 +10,14 @@ import numpy as np
 from mergesmith import kernels
 from mergesmith.kernels import Raw
 
-
-def _bind() -> ctypes.CDLL | None:
-    lib = kernels.library()
-    if lib is None or not hasattr(lib, "ms_fusion_kl"):  # a library built before these kernels
-        return None
-    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
-    lib.ms_fusion_kl.argtypes = [ptr, i32, i32, ptr, i32, i32, i64, i64, ptr, ptr]
-    lib.ms_fusion_scores.argtypes = [ptr, i32, i32, ptr, i32, i32, ptr, i64, ptr, i64, ptr]
-    lib.ms_fusion.argtypes = [ptr, i32, ptr, i32, i32, ptr, i32, i32, ptr, i64, i64, f32, ptr]
-    for f in (lib.ms_fusion_kl, lib.ms_fusion_scores, lib.ms_fusion):
-        f.restype = None
-    return lib
-
-
-_LIB = _bind()
+_i64, _i32, _ptr, _f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+_LIB = kernels.bind(
+    {
+        "ms_fusion_kl": [_ptr, _i32, _i32, _ptr, _i32, _i32, _i64, _i64, _ptr, _ptr],
+        "ms_fusion_scores": [_ptr, _i32, _i32, _ptr, _i32, _i32, _ptr, _i64, _ptr, _i64, _ptr],
+        "ms_fusion": [_ptr, _i32, _ptr, _i32, _i32, _ptr, _i32, _i32, _ptr, _i64, _i64, _f32, _ptr],
+    }
+)
 
 
 def available() -> bool:
@@ -36,13 +29,14 @@ def _rows(x: Raw, width: int) -> int:
     return x.count // width
 
 
-def row_kl(x: Raw, base: Raw, width: int) -> np.ndarray:
+def row_kl(x: Raw, base: Raw, width: int, out: np.ndarray | None = None) -> np.ndarray:
     """Per row of `width` values: KL(softmax(x) + 1e-8 || softmax(b) + 1e-8), float32 (NaN for rows
-    with a NaN or +Inf)."""
+    with a NaN or +Inf), into `out` (contiguous float32, one per row) where given."""
     rows = _rows(x, width)
     assert base.count == x.count
     scratch = np.empty(2 * width, dtype=np.float32)
-    kl = np.empty(rows, dtype=np.float32)
+    kl = np.empty(rows, dtype=np.float32) if out is None else out
+    assert kl.shape == (rows,) and kl.dtype == np.float32 and kl.flags.c_contiguous
     _LIB.ms_fusion_kl(*kernels.raw_args(x), *kernels.raw_args(base), rows, width, scratch.ctypes.data, kl.ctypes.data)
     return kl
 

@@ -1,7 +1,7 @@
 """The Gram family's compiled kernels (`kernels_gram.c`): the inner products of a few vectors row by
 row, the combination of the inputs by coefficients, and sce's energy-weighted sign-consensus merge,
-over raw values; NumPy computes the inner
-products the same way where the library is missing (the tests compare the two)."""
+over raw values; NumPy computes the inner products the same way where the library is missing (the
+tests compare the two)."""
 
 from __future__ import annotations
 
@@ -16,21 +16,14 @@ from mergesmith.kernels import Raw
 MAX_VECTORS = kernels.MAX_INPUTS + 1
 
 
-def _bind() -> ctypes.CDLL | None:
-    lib = kernels.library()
-    if lib is None or not hasattr(lib, "ms_gram"):  # a library built before these kernels
-        return None
-    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
-    lib.ms_gram.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i32, i64, i64, ptr]
-    lib.ms_gram.restype = None
-    lib.ms_span.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i32, f32, f32, i64]
-    lib.ms_span.restype = None
-    lib.ms_sce.argtypes = [ptr, i32, ptr, ptr, ptr, i32, ptr, i32, i32, ptr, i64]
-    lib.ms_sce.restype = None
-    return lib
-
-
-_LIB = _bind()
+_i64, _i32, _ptr, _f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+_LIB = kernels.bind(
+    {
+        "ms_gram": [_ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _i64, _i64, _ptr],
+        "ms_span": [_ptr, _i32, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _ptr, _i32, _f32, _f32, _i64],
+        "ms_sce": [_ptr, _i32, _ptr, _ptr, _ptr, _i32, _ptr, _i32, _i32, _ptr, _i64],
+    }
+)
 
 
 def available() -> bool:
@@ -82,6 +75,15 @@ def span(
     float32 with torch's operations (`gram.combine` of the task vectors, `div_`, then `addcmul_` or
     `add_` of the base), bit for bit. Needs the compiled library and dtypes among `raw_kinds()`."""
     _onto_base("ms_span", out, xs, base, coefficients, int(divisor is not None), divisor or 1.0, scale)
+
+
+def combination(out: Raw, xs: list[Raw], base: Raw | None, coefficients: list[float]) -> None:
+    """The inputs combined by `coefficients` as the torch lane's `gram.combine` does: of their task
+    vectors, the base added (`span`), or, without a base, of the inputs themselves (`kernels.linear`)."""
+    if base is None:
+        kernels.linear(out, xs, coefficients, None)
+    else:
+        span(out, xs, base, coefficients)
 
 
 def sce(out: Raw, xs: list[Raw], base: Raw, weights: list[float]) -> None:

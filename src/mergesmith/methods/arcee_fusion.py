@@ -8,6 +8,7 @@ row: `ImportanceSample`), then each chunk is merged with its rows' KL, without t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -92,42 +93,44 @@ class ImportanceSample(Pruner):
     def fusable(self) -> bool:  # type: ignore[override]
         return kernels_fusion.available()
 
+    def picked_in(self, start: int, count: int) -> np.ndarray | None:
+        """The sampled positions among flat elements `start` .. `start + count`, from `start` (repeats
+        kept); None where every score counts."""
+        if self.positions is None:
+            return None
+        a, b = np.searchsorted(self.positions, [start, start + count])
+        return self.positions[a:b] - start
+
     def observe_scores(self, scores: torch.Tensor, start: int) -> None:
         flat = scores.reshape(-1)
-        if self.positions is None:
-            self.parts[start] = flat  # a fresh tensor (`importance` allocates it)
-            return
-        a, b = np.searchsorted(self.positions, [start, start + flat.numel()])
-        self.parts[start] = flat[torch.from_numpy(self.positions[a:b] - start).to(flat.device)]
+        picked = self.picked_in(start, flat.numel())
+        # all: a fresh tensor (`importance` allocates it)
+        self.parts[start] = flat if picked is None else flat[torch.from_numpy(picked).to(flat.device)]
+
+    def _kl_rows(self, start: int, count: int, width: int, empty: Callable[[int], object]):
+        """The KL divergences of the rows of `width` values of the chunk at flat element `start`
+        (`count` values): its place in `kl`, made by `empty(rows)` at the first chunk. One buffer per
+        tensor, not one small tensor per chunk: those, alive through the merge pass between its large
+        temporaries, fragmented the heap (peak RSS 0.63 -> 0.89 GiB on medium)."""
+        with self.lock:
+            if self.kl is None:
+                self.kl = empty(self.numel // width)
+        return self.kl[start // width : (start + count) // width]
 
     def rows(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """The place of chunk `x` (at flat element `start`) in `kl`, shaped as `row_kl` gives it.
-        One buffer per tensor, not one small tensor per chunk: those, alive through the merge pass
-        between its large temporaries, fragmented the heap (peak RSS 0.63 -> 0.89 GiB on medium)."""
-        cols = x.shape[-1]
-        with self.lock:
-            if self.kl is None:
-                self.kl = torch.empty(self.numel // cols, device=x.device)
-        first = start // cols
-        return self.kl[first : first + x.numel() // cols].view(*x.shape[:-1], 1)
+        """Chunk `x`'s place in `kl`, shaped as `row_kl` gives it."""
+        kl = self._kl_rows(start, x.numel(), x.shape[-1], lambda n: torch.empty(n, device=x.device))
+        return kl.view(*x.shape[:-1], 1)
 
     def raw_rows(self, x: kernels.Raw, at: Stream) -> np.ndarray:
-        """`rows` in the raw lane: the KL divergences of the chunk's rows of `at.width` values."""
-        with self.lock:
-            if self.kl is None:
-                self.kl = np.empty(self.numel // at.width, dtype=np.float32)
-        first = at.start // at.width
-        return self.kl[first : first + x.count // at.width]
+        """`rows` in the raw lane: the chunk's rows of `at.width` values."""
+        return self._kl_rows(at.start, x.count, at.width, lambda n: np.empty(n, dtype=np.float32))
 
     def feed(self, xs: list, base: object, at: Stream) -> None:
         if isinstance(base, kernels.Raw):
             x, kl = xs[0], self.raw_rows(xs[0], at)
-            kl[:] = kernels_fusion.row_kl(x, base, at.width)
-            if self.positions is None:
-                self.parts[at.start] = kernels_fusion.scores(x, base, kl, at.width)
-            else:
-                a, b = np.searchsorted(self.positions, [at.start, at.start + x.count])
-                self.parts[at.start] = kernels_fusion.scores(x, base, kl, at.width, self.positions[a:b] - at.start)
+            kernels_fusion.row_kl(x, base, at.width, out=kl)
+            self.parts[at.start] = kernels_fusion.scores(x, base, kl, at.width, self.picked_in(at.start, x.count))
             return
         kl = self.rows(xs[0], at.start)
         kl.copy_(row_kl(xs[0], base))

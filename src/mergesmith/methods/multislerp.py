@@ -74,11 +74,7 @@ def multislerp(
         w = [wi / total for wi in w]
     if isinstance(xs[0], kernels.Raw):  # the raw lane: one pass into `stream.out`, torch's operations
         assert stream is not None and stream.out is not None
-        coefficients = multislerp_coefficients(stream.seen.gram, w, eps)
-        if base is None:
-            kernels.linear(stream.out, xs, coefficients, None)
-        else:
-            kernels_gram.span(stream.out, xs, base, coefficients)
+        kernels_gram.combination(stream.out, xs, base, multislerp_coefficients(stream.seen.gram, w, eps))
         return None
     vs = task_vectors(xs, base)
     out = combine(vs, multislerp_coefficients(Gram.of(vs) if stream is None else stream.seen.gram, w, eps))

@@ -94,11 +94,7 @@ def nuslerp(
     flat = nuslerp_flatten or (stream is None and xs[0].dim() < 2)  # streamed chunks are >= 2-D
     if isinstance(xs[0], kernels.Raw):  # flattened, in the raw lane: one pass into `stream.out`
         assert stream is not None and stream.out is not None
-        coefficients = slerp_coefficients(t, stream.seen.gram)
-        if base is None:
-            kernels.linear(stream.out, xs, coefficients, None)
-        else:
-            kernels_gram.span(stream.out, xs, base, coefficients)
+        kernels_gram.combination(stream.out, xs, base, slerp_coefficients(t, stream.seen.gram))
         return None
     v0, v1 = xs
     if base is not None:
